@@ -1,0 +1,26 @@
+# EquiAV end to end: official clip lists -> media -> features -> (training, evaluation, tables).
+# Run the demo with `make demo`; paper runs add `--configfile workflow/presets/<preset>.yaml`.
+from snakemake.utils import min_version
+
+from equiav.config import validate_config
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+# Fills defaults and stops with every bad key named before any job is planned.
+validate_config(config)
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/lists.smk"
+include: "workflow/rules/download.smk"
+include: "workflow/rules/features.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,1 @@
+"""EquiAV reproduced end to end."""

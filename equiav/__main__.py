@@ -1,0 +1,5 @@
+import sys
+
+from equiav.cli import main
+
+sys.exit(main())

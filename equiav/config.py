@@ -1,0 +1,139 @@
+"""Loading and checking the pipeline configuration against its JSON schema.
+
+The schema (``workflow/schemas/config.schema.yaml``) is the one description of every key;
+this module fills its defaults and turns validation failures into messages that name the
+key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message lists every problem found."""
+
+
+def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def _resolve(schema: dict, root: dict) -> dict:
+    while "$ref" in schema:
+        ref = schema["$ref"]
+        if not ref.startswith("#/"):
+            raise ValueError(f"only local $ref are supported in the config schema, got {ref!r}")
+        node: Any = root
+        for part in ref[2:].split("/"):
+            node = node[part]
+        schema = node
+    return schema
+
+
+def _fill_defaults(instance: Any, schema: dict, root: dict) -> None:
+    """Insert schema defaults into ``instance`` in place, following $ref (jsonschema does not)."""
+    schema = _resolve(schema, root)
+    if isinstance(instance, dict):
+        properties = schema.get("properties", {})
+        for key, sub in properties.items():
+            sub = _resolve(sub, root)
+            if key not in instance and "default" in sub:
+                instance[key] = copy.deepcopy(sub["default"])
+            if key in instance:
+                _fill_defaults(instance[key], sub, root)
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            for key, value in instance.items():
+                if key not in properties:
+                    _fill_defaults(value, extra, root)
+    elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        for item in instance:
+            _fill_defaults(item, schema["items"], root)
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def _describe(error: jsonschema.ValidationError, root: dict) -> str:
+    where = _key_path(error)
+    schema = _resolve(error.schema, root) if isinstance(error.schema, dict) else {}
+    if error.validator == "additionalProperties":
+        allowed = sorted(schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed))
+        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+        return f"config key {where!r}: unknown key(s) {', '.join(map(repr, unknown))}{hint}"
+    if error.validator == "oneOf" and isinstance(error.instance, dict):
+        return f"config key {where!r}: give exactly one of `lists` (clip lists) or `generate` (a data set the pipeline makes)"
+    text = f"config key {where!r}: {error.message}"
+    description = schema.get("description")
+    if description:
+        text += f" ({' '.join(str(description).split())})"
+    return text
+
+
+def validate_config(config: dict, schema: dict | None = None) -> dict:
+    """Fill defaults into ``config`` (in place) and check it; raise ConfigError listing all problems."""
+    schema = schema if schema is not None else load_schema()
+    _fill_defaults(config, schema, schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    problems = [_describe(e, schema) for e in errors]
+    problems += _semantic_problems(config) if not problems else []
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return config
+
+
+def _semantic_problems(config: dict) -> list[str]:
+    """Checks that need more than one key at a time."""
+    problems = []
+    datasets = config.get("datasets", {})
+    for name in config.get("run", []):
+        if name not in datasets:
+            known = ", ".join(sorted(datasets)) or "none"
+            problems.append(f"config key 'run': {name!r} is not defined under `datasets` (defined: {known})")
+    for name, dataset in datasets.items():
+        if not all(ch.isalnum() or ch in "_-" for ch in name):
+            problems.append(f"config key 'datasets.{name}': data set names may hold only letters, digits, '_' and '-'")
+        for i, entry in enumerate(dataset.get("lists", [])):
+            if "path" not in entry and "url" not in entry:
+                problems.append(f"config key 'datasets.{name}.lists.{i}': give `path` (a local file) or `url` (to fetch it)")
+            if entry["format"] == "audioset" and "split" not in entry:
+                problems.append(f"config key 'datasets.{name}.lists.{i}': an audioset list needs `split` (e.g. train or eval)")
+        classes = dataset.get("classes", {})
+        if classes.get("format") in ("audioset", "vggsound_stat") and not ({"path", "url"} & set(classes)):
+            problems.append(f"config key 'datasets.{name}.classes': give `path` or `url` for the {classes['format']} class list")
+        features = dataset.get("features", {})
+        if "video" in dataset.get("modalities", []) and features.get("num_frames") == 0:
+            problems.append(f"config key 'datasets.{name}.features.num_frames': 0 frames but `modalities` includes video")
+        if "video" not in dataset.get("modalities", ["video"]) and features.get("num_frames", 0) > 0:
+            problems.append(
+                f"config key 'datasets.{name}.features.num_frames': an audio-only data set keeps no frames; set it to 0"
+            )
+    return problems
+
+
+def load_config(*paths: str | Path) -> dict:
+    """Merge YAML files left to right (as Snakemake's --configfile does) and validate the result."""
+    config: dict = {}
+    for path in paths:
+        with open(path) as f:
+            _merge(config, yaml.safe_load(f) or {})
+    return validate_config(config)
+
+
+def _merge(base: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)

@@ -1,0 +1,1 @@
+"""Data half of the pipeline: lists, downloads, media decoding, features, storage, demo data."""

@@ -1,0 +1,384 @@
+"""Stage 2: fetch the clips of one shard and record a status row for every clip.
+
+A shard job takes a slice of the manifest, fetches each clip with yt-dlp (YouTube ids,
+http(s) and file:// URLs) or checks it in place (local paths), validates the media, and
+records one status row per clip from the fixed vocabulary in :mod:`equiav.data.status`.
+
+Resumability: every outcome is appended to a journal beside the media as soon as it is
+known, and every media file is moved into place only once complete and validated, so a
+job killed at any point is restarted without redoing a finished clip or using a partial
+file. Only the job's own faults (unwritable folders, a bad shard file) make it fail.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+import re
+import shutil
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from equiav.data import status as st
+from equiav.data.media import MediaError, check_media, ffmpeg_bin_dir, probe
+
+log = logging.getLogger(__name__)
+
+STATUS_COLUMNS = (
+    "clip_id", "split", "labels", "source", "status", "final", "attempts",
+    "detail", "file", "offset", "duration", "updated",
+)  # fmt: skip
+
+YOUTUBE_ID = re.compile(r"^[A-Za-z0-9_-]{11}$")
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    """The `download` section of a data set's config, plus the modalities each clip needs."""
+
+    margin: float = 1.0
+    min_coverage: float = 0.9
+    retries: int = 3
+    backoff_seconds: float = 5.0
+    workers: int = 2
+    rate_limit: int | None = None
+    sleep_seconds: float = 0.0
+    cookies: str | None = None
+    format: str = "bv*[height<=360]+ba/b[height<=360]/wv*+ba/w"
+    socket_timeout: float = 30.0
+    need_audio: bool = True
+    need_video: bool = True
+
+    @classmethod
+    def from_config(cls, download: dict, modalities: list[str]) -> DownloadSettings:
+        return cls(**download, need_audio="audio" in modalities, need_video="video" in modalities)
+
+
+class FetchError(Exception):
+    """A failed attempt, already classified into the status vocabulary."""
+
+    def __init__(self, status: str, detail: str):
+        super().__init__(f"{status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+# yt-dlp reports failures as text; these patterns map them onto the vocabulary. The first
+# match wins, so the specific ones come first.
+_ERROR_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (status, re.compile(pattern, re.IGNORECASE))
+    for status, pattern in (
+        (st.RATE_LIMITED, r"HTTP Error 429|Too Many Requests|rate.?limit|try again later"),
+        (st.SIGN_IN, r"Sign in to confirm|confirm your age|age.restricted|login required|cookies .*authenticat|not a bot"),
+        (st.PRIVATE, r"private video|video is private"),
+        (st.GEO_BLOCKED, r"not (made this video )?available in your country|geo.?restrict|blocked it in your country"),
+        (
+            st.UNAVAILABLE,
+            r"HTTP Error 40[0134]|HTTP Error 410|Video unavailable|has been removed|no longer available|"
+            r"account .*terminated|does not exist|404 Not Found|Unsupported URL|Incomplete YouTube ID|"
+            r"This video is unavailable|members-only|premieres in|No such file or directory",
+        ),
+        (st.DECODE_ERROR, r"Invalid data found|moov atom not found|Output file is empty"),
+    )
+)
+
+
+def classify_error(message: str) -> str:
+    for status, pattern in _ERROR_PATTERNS:
+        if pattern.search(message):
+            return status
+    return st.OTHER
+
+
+def source_kind(source: str) -> str:
+    """youtube, url (http/https/ftp: fetched in sections), file (file:// URL) or path."""
+    if YOUTUBE_ID.match(source) and not os.path.exists(source):
+        return "youtube"
+    scheme = source.split("://", 1)[0].lower() if "://" in source else ""
+    if scheme in ("http", "https", "ftp", "ftps"):
+        return "url"
+    if scheme == "file":
+        return "file"
+    if scheme:
+        raise ValueError(f"unsupported source {source!r}: use a YouTube id, an http(s) or file:// URL, or a local path")
+    return "path"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _js_runtime() -> dict[str, dict]:
+    """Point yt-dlp at the deno binary installed beside this Python (YouTube's challenges need it)."""
+    deno = shutil.which("deno") or str(Path(sys.executable).with_name("deno"))
+    return {"deno": {"path": deno}} if os.path.exists(deno) else {}
+
+
+def _put_ffmpeg_on_path() -> None:
+    """yt-dlp's check that ffmpeg can cut segments looks on PATH only, not at ffmpeg_location."""
+    folder = str(ffmpeg_bin_dir())
+    if folder not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+class ShardDownloader:
+    """Fetches the clips of one shard into ``media_dir`` and journals their outcomes."""
+
+    def __init__(self, media_dir: str | Path, settings: DownloadSettings, sleep: Callable[[float], None] = time.sleep):
+        self.media_dir = Path(media_dir)
+        self.settings = settings
+        self.sleep = sleep
+        self.journal_path = self.media_dir / "journal.csv"
+        self.tmp_root = self.media_dir / ".partial"
+        self._lock = threading.Lock()
+
+    # -- journal -------------------------------------------------------------------------
+    def load_journal(self) -> dict[str, dict]:
+        """The last recorded row of every clip (a killed job may have left a torn last line)."""
+        if not self.journal_path.exists():
+            return {}
+        rows: dict[str, dict] = {}
+        with open(self.journal_path, newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("updated") and row.get("status") in st.VOCABULARY:
+                    rows[row["clip_id"]] = row
+        return rows
+
+    def _append(self, row: dict) -> None:
+        with self._lock:
+            new = not self.journal_path.exists()
+            with open(self.journal_path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=STATUS_COLUMNS)
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def _is_done(self, previous: dict | None) -> bool:
+        if previous is None or previous["status"] not in st.FINAL:
+            return False
+        # An ok row counts only while its file is still there.
+        return previous["status"] != st.OK or os.path.exists(previous["file"])
+
+    # -- the shard -----------------------------------------------------------------------
+    def run(self, clips: pd.DataFrame) -> pd.DataFrame:
+        """Fetch every clip not already final; return one status row per clip of ``clips``."""
+        if self.settings.cookies and not os.path.isfile(self.settings.cookies):
+            raise FileNotFoundError(f"the cookies file {self.settings.cookies!r} (download.cookies) does not exist")
+        self.media_dir.mkdir(parents=True, exist_ok=True)
+        # Anything under .partial belongs to attempts that never finished: never reuse it.
+        shutil.rmtree(self.tmp_root, ignore_errors=True)
+        self.tmp_root.mkdir()
+        _put_ffmpeg_on_path()
+        done = self.load_journal()
+        todo = [row for row in clips.to_dict("records") if not self._is_done(done.get(row["clip_id"]))]
+        log.info("%d clips in shard, %d already final, %d to fetch", len(clips), len(clips) - len(todo), len(todo))
+        with ThreadPoolExecutor(max_workers=self.settings.workers) as pool:
+            for i, row in enumerate(pool.map(self.fetch_clip, todo), 1):
+                if i % 50 == 0 or i == len(todo):
+                    log.info("fetched %d/%d (last: %s %s)", i, len(todo), row["clip_id"], row["status"])
+        shutil.rmtree(self.tmp_root, ignore_errors=True)
+        final = self.load_journal()
+        table = pd.DataFrame([final[clip_id] for clip_id in clips["clip_id"]], columns=list(STATUS_COLUMNS))
+        # The journal is text: give the columns their types back.
+        table["final"] = table["final"].astype(str) == "True"
+        table["attempts"] = table["attempts"].astype(int)
+        for column in ("offset", "duration"):
+            table[column] = pd.to_numeric(table[column], errors="coerce")
+        return table
+
+    def fetch_clip(self, clip: dict) -> dict:
+        """Fetch one clip with retries for transient failures; journal and return its row."""
+        attempts = 0
+        while True:
+            attempts += 1
+            if self.settings.sleep_seconds:
+                self.sleep(self.settings.sleep_seconds)
+            try:
+                file, offset, duration = self._attempt(clip)
+                outcome, detail = st.OK, ""
+            except FetchError as e:
+                outcome, detail, file, offset, duration = e.status, e.detail, "", float("nan"), float("nan")
+            except Exception as e:  # a bug or an unexpected library error: recorded, not fatal to the shard
+                log.exception("unexpected error on %s", clip["clip_id"])
+                outcome, detail, file, offset, duration = st.OTHER, f"{type(e).__name__}: {e}", "", float("nan"), float("nan")
+            if outcome not in st.RETRY_IN_JOB or attempts > self.settings.retries:
+                break
+            pause = self.settings.backoff_seconds * 2 ** (attempts - 1) * random.uniform(0.8, 1.2)
+            log.warning("%s: %s (%s); retrying in %.1f s", clip["clip_id"], outcome, detail[:200], pause)
+            self.sleep(pause)
+        row = {
+            "clip_id": clip["clip_id"], "split": clip["split"], "labels": clip["labels"],
+            "source": clip["source"], "status": outcome, "final": outcome in st.FINAL,
+            "attempts": attempts, "detail": " ".join(detail.split())[:500], "file": file,
+            "offset": offset, "duration": duration, "updated": _now(),
+        }  # fmt: skip
+        self._append(row)
+        return row
+
+    # -- one attempt ---------------------------------------------------------------------
+    def _segment(self, clip: dict) -> tuple[float, float | None]:
+        start = float(clip["start"])
+        end = clip.get("end")
+        end = None if end is None or pd.isna(end) or end == "" else float(end)
+        return start, end
+
+    def _attempt(self, clip: dict) -> tuple[str, float, float]:
+        """Return (media file, offset of the segment in it, segment length or NaN); raise FetchError."""
+        start, end = self._segment(clip)
+        kind = source_kind(clip["source"])
+        duration = float("nan") if end is None else end - start
+        if kind == "path":
+            if not os.path.isfile(clip["source"]):
+                raise FetchError(st.UNAVAILABLE, f"no such file: {clip['source']}")
+            self._validate(clip["source"], start, duration)
+            return clip["source"], start, duration
+        tmp = self.tmp_root / clip["clip_id"]
+        try:
+            fetched, offset = self._fetch(clip, kind, start, end, tmp)
+            self._validate(str(fetched), offset, duration)
+        except FetchError as e:
+            if kind == "youtube" or e.status not in (st.OTHER, st.TOO_SHORT):
+                raise
+            raise self._diagnose_source(clip["source"], start, end, e) from None
+        else:
+            # Only complete, validated media ever appear under their final name.
+            file = self.media_dir / f"{clip['clip_id']}{fetched.suffix}"
+            os.replace(fetched, file)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return str(file), offset, duration
+
+    def _diagnose_source(self, url: str, start: float, end: float | None, error: FetchError) -> FetchError:
+        """Tell a damaged source from a transient failure or a short video by probing the URL itself.
+
+        A cut that ffmpeg could not make, or media shorter than the segment, may come from a
+        truncated file: then the source either cannot be opened, or declares a duration that
+        covers the segment while holding less. Both are final (decode-error); anything else
+        keeps the original outcome.
+        """
+        try:
+            declared = probe(url).duration
+        except MediaError as e:
+            if classify_error(e.detail) == st.UNAVAILABLE:  # gone (404, no such file), not damaged
+                return FetchError(st.UNAVAILABLE, e.detail)
+            if e.status == st.DECODE_ERROR:
+                return FetchError(st.DECODE_ERROR, f"the source cannot be read: {e.detail}")
+            return error
+        needed = end if end is not None else start
+        if error.status == st.TOO_SHORT and declared is not None and declared >= needed:
+            return FetchError(st.DECODE_ERROR, f"the source declares {declared:.2f} s but holds less ({error.detail}): truncated")
+        return error
+
+    def _fetch(self, clip: dict, kind: str, start: float, end: float | None, tmp: Path) -> tuple[Path, float]:
+        """Fetch with yt-dlp into the folder ``tmp``; return the file and the segment's offset in it."""
+        import yt_dlp
+        from yt_dlp.utils import download_range_func
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        s = self.settings
+        url = f"https://www.youtube.com/watch?v={clip['source']}" if kind == "youtube" else clip["source"]
+        options: dict[str, Any] = {
+            "outtmpl": str(tmp / "clip.%(ext)s"),
+            "format": s.format if s.need_video else "ba/b",
+            "merge_output_format": "mkv",
+            "quiet": True,
+            "no_warnings": True,
+            "noprogress": True,
+            "noplaylist": True,
+            "retries": 0,  # retries are ours, with back-off and classification
+            "fragment_retries": 0,
+            "socket_timeout": s.socket_timeout,
+            "ffmpeg_location": str(ffmpeg_bin_dir()),
+            "enable_file_urls": kind == "file",
+            "js_runtimes": _js_runtime(),
+            "logger": _YtdlpLogger(clip["clip_id"]),
+        }
+        if s.rate_limit:
+            options["ratelimit"] = s.rate_limit
+        if s.cookies:
+            # yt-dlp writes the jar back when it closes: each attempt gets its own copy.
+            options["cookiefile"] = shutil.copy(s.cookies, tmp / "cookies.txt")
+        offset = start
+        if kind in ("youtube", "url"):
+            # Fetch only the segment plus a margin; the exact cut happens at extraction.
+            first = max(0.0, start - s.margin)
+            last = float("inf") if end is None else end + s.margin
+            options["download_ranges"] = download_range_func(None, [(first, last)])
+            offset = start - first
+        try:
+            with yt_dlp.YoutubeDL(options) as ydl:
+                info = ydl.extract_info(url, download=True)
+        except yt_dlp.utils.DownloadError as e:
+            message = str(e).removeprefix("ERROR: ")
+            raise FetchError(classify_error(message), message) from None
+        except OSError as e:
+            raise FetchError(st.OTHER, f"{type(e).__name__}: {e}") from None
+        files = [p for p in tmp.glob("clip.*") if not p.name.endswith((".part", ".ytdl"))]
+        if not files:
+            raise FetchError(st.OTHER, f"yt-dlp reported success but wrote no file (id {info.get('id') if info else '?'})")
+        return max(files, key=lambda p: p.stat().st_size), offset
+
+    def _validate(self, file: str, offset: float, duration: float) -> None:
+        """Reject media that cannot serve the clip: unreadable, missing a stream, or too short."""
+        try:
+            info, present = check_media(file)
+        except MediaError as e:
+            raise FetchError(e.status, e.detail) from None
+        s = self.settings
+        if s.need_audio and not info.has_audio:
+            raise FetchError(st.NO_AUDIO, "the media has no audio stream")
+        if s.need_video and not info.has_video:
+            raise FetchError(st.NO_VIDEO, "the media has no video stream")
+        if not pd.isna(duration):
+            covered = max(0.0, present - offset)
+            if covered < s.min_coverage * duration:
+                raise FetchError(
+                    st.TOO_SHORT,
+                    f"media covers {covered:.2f} s of the {duration:.2f} s segment (min_coverage {s.min_coverage})",
+                )
+
+
+class _YtdlpLogger:
+    """Route yt-dlp's messages into logging (its errors also come back as exceptions)."""
+
+    def __init__(self, clip_id: str):
+        self.clip_id = clip_id
+
+    def debug(self, msg: str) -> None:
+        log.debug("%s: %s", self.clip_id, msg)
+
+    info = debug
+
+    def warning(self, msg: str) -> None:
+        log.debug("%s: yt-dlp warning: %s", self.clip_id, msg)
+
+    def error(self, msg: str) -> None:
+        log.debug("%s: yt-dlp error: %s", self.clip_id, msg)
+
+
+def download_shard(shard_csv: str | Path, media_dir: str | Path, out_csv: str | Path, settings: DownloadSettings) -> pd.DataFrame:
+    """Run one shard job: read its clips, fetch them, write the status rows atomically."""
+    clips = pd.read_csv(shard_csv, dtype={"clip_id": str, "source": str, "labels": str, "split": str}, keep_default_na=False)
+    clips["end"] = pd.to_numeric(clips["end"], errors="coerce")
+    rows = ShardDownloader(media_dir, settings).run(clips)
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_csv.with_name(out_csv.name + ".tmp")
+    rows.to_csv(tmp, index=False)
+    os.replace(tmp, out_csv)
+    counts = rows["status"].value_counts().to_dict()
+    log.info("shard done: %s", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return rows

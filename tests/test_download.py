@@ -1,0 +1,211 @@
+"""The shard downloader against a loopback HTTP server and local files (no internet)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from equiav.data import status as st
+from equiav.data.download import DownloadSettings, ShardDownloader, classify_error, download_shard, source_kind
+from equiav.data.media import check_media
+from conftest import make_clip
+from media_server import MediaServer
+
+SEGMENT = (1.0, 4.0)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Path:
+    """The files the server offers: good clips, one without sound, a short one, a truncated one."""
+    root = tmp_path_factory.mktemp("served")
+    for name in ("good", "good2", "good3", "good4", "good5", "good6"):
+        make_clip(root / f"{name}.mp4", seconds=6.0)
+    make_clip(root / "noaudio.mp4", seconds=6.0, with_audio=False)
+    make_clip(root / "short.mp4", seconds=2.0)
+    # moov atom at the end, as in a file whose upload or copy broke off: the head has no index.
+    whole = make_clip(root / "whole.mp4", seconds=6.0, faststart=False).read_bytes()
+    (root / "truncated.mp4").write_bytes(whole[: len(whole) // 2])
+    return root
+
+
+def _clips(rows: list[tuple[str, str]]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {"clip_id": cid, "source": src, "start": SEGMENT[0], "end": SEGMENT[1], "labels": "a", "split": "train"}
+            for cid, src in rows
+        ]
+    )
+
+
+def _fast(**overrides) -> DownloadSettings:
+    return DownloadSettings(**{"retries": 2, "backoff_seconds": 0.01, "workers": 2, "socket_timeout": 10, **overrides})
+
+
+def test_every_clip_gets_the_right_status(served, tmp_path):
+    with MediaServer(served) as server:
+        clips = _clips(
+            [
+                ("good", f"{server.url}/good.mp4"),
+                ("missing", f"{server.url}/missing/good.mp4"),
+                ("flaky", f"{server.url}/flaky1/good2.mp4"),
+                ("truncated", f"{server.url}/truncated.mp4"),
+                ("noaudio", f"{server.url}/noaudio.mp4"),
+                ("short", f"{server.url}/short.mp4"),
+                ("local", str(served / "good3.mp4")),
+                ("local-missing", str(served / "nope.mp4")),
+                ("file-url", (served / "good4.mp4").as_uri()),
+                ("file-url-missing", (served / "gone.mp4").as_uri()),
+            ]
+        )
+        shard = tmp_path / "shard.csv"
+        clips.to_csv(shard, index=False)
+        rows = download_shard(shard, tmp_path / "media", tmp_path / "status.csv", _fast())
+        flaky_hits = server.hits("/flaky1/good2.mp4")
+
+    by_id = rows.set_index("clip_id")
+    assert list(rows["clip_id"]) == list(clips["clip_id"])  # every clip exactly once, in order
+    expected = {
+        "good": st.OK,
+        "missing": st.UNAVAILABLE,
+        "flaky": st.OK,
+        "truncated": st.DECODE_ERROR,
+        "noaudio": st.NO_AUDIO,
+        "short": st.TOO_SHORT,
+        "local": st.OK,
+        "local-missing": st.UNAVAILABLE,
+        "file-url": st.OK,
+        "file-url-missing": st.UNAVAILABLE,
+    }
+    assert by_id["status"].to_dict() == expected
+    assert by_id.loc["flaky", "attempts"] == 2 and flaky_hits >= 2  # the 429 was retried, then it worked
+    assert by_id.loc["missing", "attempts"] == 1  # a 404 is final: no retry
+    assert "429" not in by_id.loc["flaky", "detail"]
+    # The written file agrees with the returned rows.
+    assert pd.read_csv(tmp_path / "status.csv")["status"].tolist() == rows["status"].tolist()
+
+    for cid in ("good", "flaky", "file-url"):
+        file = by_id.loc[cid, "file"]
+        assert Path(file).parent == tmp_path / "media"
+        info, present = check_media(file)
+        assert info.has_audio and info.has_video
+        # The segment (3 s) plus the margin on each side, within a keyframe's slack.
+        assert present >= SEGMENT[1] - SEGMENT[0]
+    assert by_id.loc["good", "offset"] == pytest.approx(1.0)  # start - (start - margin)
+    assert by_id.loc["local", "file"] == str(served / "good3.mp4")  # local files are used in place
+    assert by_id.loc["local", "offset"] == SEGMENT[0]
+    # Failed clips leave nothing behind under a final name, nor any partial file.
+    assert sorted(p.stem for p in (tmp_path / "media").iterdir()) == ["file-url", "flaky", "good", "journal"]
+
+
+def test_rerun_skips_final_clips_and_retries_transient_ones(served, tmp_path):
+    with MediaServer(served) as server:
+        clips = _clips([("good", f"{server.url}/good.mp4"), ("limited", f"{server.url}/flaky99/good5.mp4")])
+        downloader = ShardDownloader(tmp_path / "media", _fast(retries=1))
+        first = downloader.run(clips).set_index("clip_id")
+        assert first.loc["limited", "status"] == st.RATE_LIMITED
+        assert not first.loc["limited", "final"] and first.loc["good", "final"]
+        hits_good = server.hits("/good.mp4")
+        hits_limited = server.hits("/flaky99/good5.mp4")
+
+        second = ShardDownloader(tmp_path / "media", _fast(retries=0)).run(clips).set_index("clip_id")
+        assert server.hits("/good.mp4") == hits_good  # final: not fetched again
+        assert server.hits("/flaky99/good5.mp4") > hits_limited  # transient: tried again
+        assert second.loc["good", "updated"] == first.loc["good", "updated"]
+
+        # A final `ok` whose file was deleted is fetched again.
+        os.remove(second.loc["good", "file"])
+        third = ShardDownloader(tmp_path / "media", _fast(retries=0)).run(clips).set_index("clip_id")
+        assert server.hits("/good.mp4") > hits_good
+        assert third.loc["good", "status"] == st.OK and os.path.exists(third.loc["good", "file"])
+
+
+def test_killed_job_resumes_without_redoing_or_using_partial_files(served, tmp_path):
+    """SIGKILL the shard job mid-way; the re-run fetches only the unfinished clips."""
+    names = ["good", "good2", "good3", "good4", "good5", "good6"]
+    with MediaServer(served, delay=0.4) as server:
+        clips = _clips([(n, f"{server.url}/slow/{n}.mp4") for n in names])
+        shard, media, out = tmp_path / "shard.csv", tmp_path / "media", tmp_path / "status.csv"
+        clips.to_csv(shard, index=False)
+        settings = '{"download": {"workers": 1, "retries": 0}, "modalities": ["audio", "video"]}'
+        cmd = [sys.executable, "-m", "equiav", "download", "--settings", settings]
+        cmd += ["--shard", str(shard), "--media-dir", str(media), "--out", str(out)]
+        job = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+        journal = media / "journal.csv"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if journal.exists() and len(journal.read_text().splitlines()) >= 3:  # header + 2 clips
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)  # let the third clip get under way
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+        assert not out.exists()  # the status file appears only when the shard is complete
+        done_before = {line.split(",")[0] for line in journal.read_text().splitlines()[1:]}
+        assert 2 <= len(done_before) < len(names)
+        hits_before = {n: server.hits(f"/slow/{n}.mp4") for n in names}
+
+        subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
+        hits_after = {n: server.hits(f"/slow/{n}.mp4") for n in names}
+
+    for name in names:
+        if name in done_before:
+            assert hits_after[name] == hits_before[name], f"{name} was fetched again"
+        else:
+            assert hits_after[name] > hits_before[name]
+    rows = pd.read_csv(out)
+    assert rows["status"].tolist() == [st.OK] * len(names)
+    assert not (media / ".partial").exists()
+    for file in rows["file"]:
+        check_media(file)  # complete and readable, not a partial download
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("[youtube] abc: Video unavailable. This video has been removed by the uploader", st.UNAVAILABLE),
+        ("[youtube] abc: Private video. Sign in if you've been granted access to this video", st.PRIVATE),
+        ("[youtube] abc: Sign in to confirm you're not a bot. Use --cookies-from-browser", st.SIGN_IN),
+        ("[youtube] abc: Sign in to confirm your age. This video may be inappropriate for some users.", st.SIGN_IN),
+        ("[youtube] abc: The uploader has not made this video available in your country", st.GEO_BLOCKED),
+        ("Unable to download webpage: HTTP Error 429: Too Many Requests", st.RATE_LIMITED),
+        ("Unable to download webpage: HTTP Error 404: Not Found", st.UNAVAILABLE),
+        ("Unable to download webpage: <urlopen error [Errno 111] Connection refused>", st.OTHER),
+        ("ffmpeg exited with code 1", st.OTHER),
+        ("[generic] a: Unable to download webpage: [Errno 2] No such file or directory: '/x/a.mp4'", st.UNAVAILABLE),
+    ],
+)
+def test_classify_yt_dlp_messages(message, expected):
+    assert classify_error(message) == expected
+
+
+def test_source_kinds(tmp_path):
+    assert source_kind("dQw4w9WgXcQ") == "youtube"
+    assert source_kind("https://example.org/a.mp4") == "url"
+    assert source_kind("file:///tmp/a.mp4") == "file"
+    assert source_kind(str(tmp_path / "a.mp4")) == "path"
+    with pytest.raises(ValueError, match="unsupported source"):
+        source_kind("s3://bucket/a.mp4")
+
+
+def test_missing_cookies_file_fails_the_job_not_the_clips(tmp_path):
+    with pytest.raises(FileNotFoundError, match="download.cookies"):
+        ShardDownloader(tmp_path, _fast(cookies=str(tmp_path / "cookies.txt"))).run(_clips([("a", "x.mp4")]))
+
+
+def test_cookies_are_used_through_a_private_copy(served, tmp_path):
+    cookies = tmp_path / "cookies.txt"
+    text = "# Netscape HTTP Cookie File\n127.0.0.1\tFALSE\t/\tFALSE\t0\tsession\tabc\n"
+    cookies.write_text(text)
+    with MediaServer(served) as server:
+        rows = ShardDownloader(tmp_path / "media", _fast(cookies=str(cookies))).run(
+            _clips([("good", f"{server.url}/good.mp4")])
+        )
+    assert rows["status"].tolist() == [st.OK]
+    assert cookies.read_text() == text  # yt-dlp rewrote only its copy

@@ -1,0 +1,145 @@
+"""The workflow itself: lint, the demo DAG end to end, presets' DAGs on full-size lists."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pandas as pd
+import pytest
+import yaml
+
+from equiav.data import status as st
+from equiav.data import synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = REPO / "workflow" / "presets"
+LISTS = Path(__file__).parent / "data" / "lists"
+
+
+def snakemake(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_lint_is_clean():
+    proc = snakemake("--lint", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Lints for" not in proc.stdout + proc.stderr
+
+
+def test_bad_config_stops_before_any_job(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("datasets:\n  demo:\n    shard_size: 0\n    download: {wokers: 2}\n")
+    proc = snakemake("-n", "--configfile", str(bad), "--directory", str(REPO), check=False)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "datasets.demo.shard_size" in output and "minimum of 1" in output
+    assert "'wokers'" in output and "workers" in output  # the unknown key and the allowed ones
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    """The demo DAG (smaller than the shipped one) run into a temporary folder."""
+    work = tmp_path_factory.mktemp("demo")
+    override = work / "small.yaml"
+    override.write_text(
+        yaml.safe_dump(
+            {
+                "results_dir": str(work / "results"),
+                "data_dir": str(work / "data"),
+                "demo": {"classes": 3, "train_per_class": 4, "test_per_class": 2},
+                "datasets": {"demo": {"shard_size": 8}},
+            }
+        )
+    )
+    snakemake("--profile", str(REPO / "workflow/profiles/default"), "--cores", "2", "--configfile", str(override))
+    return work
+
+
+def test_demo_every_clip_has_one_status_and_the_report_agrees(demo_run):
+    results = demo_run / "results" / "demo"
+    manifest = pd.read_csv(results / "manifest.csv")
+    assert len(manifest) == 3 * 6 + 2  # + the two deliberately broken clips
+    status = pd.read_csv(results / "status.csv")
+    assert sorted(status["clip_id"]) == sorted(manifest["clip_id"])  # each clip exactly once
+    by_id = status.set_index("clip_id")["status"]
+    assert by_id["broken-missing-file"] == st.UNAVAILABLE
+    assert by_id["broken-no-audio"] == st.NO_AUDIO
+    assert (by_id.drop(["broken-missing-file", "broken-no-audio"]) == st.OK).all()
+
+    shard_rows = pd.concat(pd.read_csv(p) for p in sorted((results / "download").glob("*.csv")))
+    assert len(shard_rows) == len(manifest) and shard_rows["clip_id"].is_unique
+    assert len(list((results / "download").glob("*.csv"))) == 3  # 20 clips in shards of 8
+
+    table = pd.read_csv(results / "availability.csv")
+    per_split = table[table["split"] != "all"]
+    expected = status.groupby(["split", "status"]).size()
+    assert per_split.set_index(["split", "status"])["clips"].sort_index().equals(expected.sort_index())
+    assert table[table["split"] == "all"]["clips"].sum() == len(status)
+    report = (results / "availability.md").read_text()
+    assert "| train |" in report and "no-audio" in report
+
+    obtained = (results / "obtained" / "test.txt").read_text().split()
+    assert sorted(obtained) == sorted(status.query("split == 'test' and status == 'ok'")["clip_id"])
+
+
+def test_demo_features_hold_exactly_the_usable_clips(demo_run):
+    results = demo_run / "results" / "demo"
+    usable = pd.read_csv(results / "usable.csv")
+    stored = []
+    for path in sorted(set(usable["h5"])):
+        with h5py.File(path) as f:
+            stored += [c.decode() if isinstance(c, bytes) else c for c in f["clip_id"][:]]
+            assert f["fbank"].shape[1:] == (304, 128) and f["fbank"].dtype == "float16"
+            assert f["frames"].shape[1] == 10
+            assert (f["fbank_frames"][:] > 250).all()  # 3 s segments: ~298 real frames, never an empty input
+    assert sorted(stored) == sorted(usable["clip_id"])
+
+    stats = json.loads((results / "norm_stats.json").read_text())
+    assert stats["use"] == "measured" and stats["mean"] == stats["measured"]["mean"]
+    assert stats["paper"] == {"mean": -4.346, "std": 4.332}
+    assert stats["measured"]["clips"] == (usable["split"] == "train").sum()
+
+
+def test_demo_rerun_has_nothing_to_do(demo_run):
+    override = demo_run / "small.yaml"
+    proc = snakemake("-n", "--configfile", str(override))
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_audioset_2m_preset_builds_its_dag_from_full_size_lists(tmp_path):
+    """The 2M preset on a synthesised list of the real size: about a thousand shards, one job each."""
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    classes = LISTS / "audioset_class_labels_indices.csv"
+    mids = pd.read_csv(classes)["mid"].tolist()
+    (lists / "balanced.csv").write_text(synthetic.audioset_segments(22_160, mids))
+    (lists / "eval.csv").write_text(synthetic.audioset_segments(20_371, mids, first=22_160))
+    (lists / "unbalanced.csv").write_text(synthetic.audioset_segments(2_041_789, mids, first=50_000))
+    preset = yaml.safe_load((PRESETS / "audioset_2m.yaml").read_text())
+    for entry, name in zip(preset["datasets"]["audioset"]["lists"], ("balanced", "eval", "unbalanced")):
+        entry.pop("url")
+        entry["path"] = str(lists / f"{name}.csv")
+    preset["datasets"]["audioset"]["classes"] = {"format": "audioset", "path": str(classes)}
+    preset["results_dir"], preset["data_dir"] = str(tmp_path / "results"), str(tmp_path / "data")
+    config = tmp_path / "audioset_2m.yaml"
+    config.write_text(yaml.safe_dump(preset))
+
+    snakemake("--cores", "2", "--configfile", str(config), "--until", "manifest")
+    shards = len(list((tmp_path / "data" / "audioset" / "shards").glob("*.csv")))
+    total = 22_160 + 20_371 + 2_041_789
+    assert shards == -(-total // 2000)
+    proc = snakemake("-n", "--quiet", "rules", "--configfile", str(config))
+    out = proc.stdout + proc.stderr
+    jobs = {line.split()[0]: int(line.split()[1]) for line in out.splitlines() if line.split()[:1] in (["download"], ["features"])}
+    assert jobs == {"download": shards, "features": shards}

@@ -1,0 +1,108 @@
+# Helpers shared by every stage: paths, resolved settings and the shard fan-out.
+import json
+import os
+import re
+from pathlib import Path
+
+RESULTS = config["results_dir"]
+DATA = config["data_dir"]
+
+GENERATED = [name for name, d in config["datasets"].items() if d.get("generate") == "demo"]
+ARCHIVED = [name for name, d in config["datasets"].items() if "archive" in d]
+
+
+def one_of(names):
+    """A wildcard constraint matching exactly these names (and nothing when there are none)."""
+    return "|".join(re.escape(n) for n in names) if names else "(?!)"
+
+
+def dataset(name):
+    return config["datasets"][name]
+
+
+def fetched_name(url, prefix):
+    return f"{prefix}-{Path(url.split('?')[0]).name}"
+
+
+def list_file(name, index, entry):
+    """Where a `lists` entry lives: generated, inside the unpacked archive, local, or fetched."""
+    d = dataset(name)
+    if d.get("generate") == "demo":
+        return f"{DATA}/{name}/generated/list.csv"
+    if "path" in entry:
+        path = entry["path"]
+        if "archive" in d and not os.path.isabs(path):
+            return f"{DATA}/{name}/archive/{path}"
+        return path
+    return f"{DATA}/{name}/lists/{fetched_name(entry['url'], index)}"
+
+
+def classes_file(name):
+    classes = dataset(name).get("classes", {})
+    if "path" in classes:
+        return classes["path"]
+    if "url" in classes:
+        return f"{DATA}/{name}/lists/{fetched_name(classes['url'], 'classes')}"
+    return None
+
+
+def resolved(name):
+    """The data set's config with every list and class path resolved, as the commands get it."""
+    d = json.loads(json.dumps(dataset(name)))
+    entries = d.get("lists") or [{"format": "user"}]
+    d["lists"] = [{**e, "path": list_file(name, i, e)} for i, e in enumerate(entries)]
+    if classes_file(name):
+        d["classes"]["path"] = classes_file(name)
+    return d
+
+
+def settings(wildcards):
+    return json.dumps(resolved(wildcards.dataset), sort_keys=True)
+
+
+def url_of_fetched(wildcards):
+    """The official URL behind a file under <data_dir>/<dataset>/lists/."""
+    d = dataset(wildcards.dataset)
+    for i, entry in enumerate(d.get("lists", [])):
+        if "url" in entry and "path" not in entry and fetched_name(entry["url"], i) == wildcards.file:
+            return entry["url"]
+    classes = d.get("classes", {})
+    if "url" in classes and "path" not in classes and fetched_name(classes["url"], "classes") == wildcards.file:
+        return classes["url"]
+    raise ValueError(f"no list of data set {wildcards.dataset!r} is fetched as {wildcards.file!r}")
+
+
+def manifest_inputs(wildcards):
+    name = wildcards.dataset
+    if "archive" in dataset(name):
+        inputs = {"archive": f"{DATA}/{name}/archive"}
+    else:
+        inputs = {f"list{i}": e["path"] for i, e in enumerate(resolved(name)["lists"])}
+    if classes_file(name):
+        inputs["classes"] = classes_file(name)
+    return inputs
+
+
+def shard_names(name):
+    """The shards the manifest checkpoint cut the data set into."""
+    folder = checkpoints.manifest.get(dataset=name).output.shards
+    return sorted(f[: -len(".csv")] for f in os.listdir(folder) if f.endswith(".csv"))
+
+
+def per_shard(pattern):
+    """Input function: ``pattern`` formatted for every shard of the data set."""
+
+    def inputs(wildcards):
+        return [pattern.format(dataset=wildcards.dataset, shard=s) for s in shard_names(wildcards.dataset)]
+
+    return inputs
+
+
+def all_targets():
+    targets = []
+    for name in config["run"]:
+        targets += [
+            f"{RESULTS}/{name}/availability.md",
+            f"{RESULTS}/{name}/norm_stats.json",
+        ]
+    return targets

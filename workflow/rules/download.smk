@@ -1,0 +1,23 @@
+# Stage 2: one job per shard fetches its clips and records a status row for each.
+# Media and the resumable journal live beside the shard's folder, outside the declared
+# output, so a failed or killed job loses nothing: its re-run skips every final clip.
+
+
+rule download:
+    input:
+        shard=f"{DATA}/{{dataset}}/shards/{{shard}}.csv",
+    output:
+        f"{RESULTS}/{{dataset}}/download/{{shard}}.csv",
+    conda:
+        "../../envs/data.yaml"
+    log:
+        f"{RESULTS}/{{dataset}}/logs/download/{{shard}}.log",
+    params:
+        settings=settings,
+        media_dir=lambda w: f"{DATA}/{w.dataset}/media/{w.shard}",
+    resources:
+        # Bound the downloads running at once across the workflow: --resources downloads=N.
+        downloads=1,
+    shell:
+        "python -m equiav download --settings {params.settings:q} --shard {input.shard}"
+        " --media-dir {params.media_dir} --out {output} 2> {log}"

@@ -1,0 +1,69 @@
+# Stage 1: official lists (fetched or local) and archives -> manifest, classes and shards.
+
+
+rule demo_data:
+    output:
+        f"{DATA}/{{dataset}}/generated/list.csv",
+    conda:
+        "../../envs/data.yaml"
+    log:
+        f"{RESULTS}/{{dataset}}/logs/demo_data.log",
+    params:
+        demo=lambda w: json.dumps(config["demo"]),
+        out_dir=lambda w, output: os.path.dirname(output[0]),
+    wildcard_constraints:
+        dataset=one_of(GENERATED),
+    shell:
+        "python -m equiav demo-data --settings {params.demo:q} --out-dir {params.out_dir} 2> {log}"
+
+
+rule fetch_list:
+    output:
+        f"{DATA}/{{dataset}}/lists/{{file}}",
+    conda:
+        "../../envs/data.yaml"
+    log:
+        f"{RESULTS}/{{dataset}}/logs/fetch_list/{{file}}.log",
+    params:
+        url=url_of_fetched,
+    retries: 2
+    shell:
+        "python -m equiav fetch --url {params.url:q} --out {output} 2> {log}"
+
+
+rule fetch_archive:
+    output:
+        directory(f"{DATA}/{{dataset}}/archive"),
+    conda:
+        "../../envs/data.yaml"
+    log:
+        f"{RESULTS}/{{dataset}}/logs/fetch_archive.log",
+    params:
+        url=lambda w: dataset(w.dataset)["archive"]["url"],
+        sha256=lambda w: (
+            f"--sha256 {dataset(w.dataset)['archive']['sha256']}" if dataset(w.dataset)["archive"]["sha256"] else ""
+        ),
+    wildcard_constraints:
+        dataset=one_of(ARCHIVED),
+    shell:
+        "python -m equiav fetch-archive --url {params.url:q} {params.sha256} --out-dir {output} 2> {log}"
+
+
+checkpoint manifest:
+    input:
+        unpack(manifest_inputs),
+    output:
+        manifest=f"{RESULTS}/{{dataset}}/manifest.csv",
+        classes=f"{RESULTS}/{{dataset}}/classes.csv",
+        problems=f"{RESULTS}/{{dataset}}/list_problems.csv",
+        shards=directory(f"{DATA}/{{dataset}}/shards"),
+    conda:
+        "../../envs/data.yaml"
+    log:
+        f"{RESULTS}/{{dataset}}/logs/manifest.log",
+    params:
+        settings=settings,
+        out_dir=lambda w, output: os.path.dirname(output.manifest),
+    shell:
+        "python -m equiav manifest --settings {params.settings:q} --out-dir {params.out_dir}"
+        " --shards-dir {output.shards} 2> {log}"
