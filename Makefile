@@ -19,6 +19,7 @@ $(INSTALLED): pyproject.toml
 
 demo: $(INSTALLED)
 	$(RUN) snakemake --profile workflow/profiles/default $(ARGS)
+	@cat results/summary.md
 
 test: $(INSTALLED)
 	$(RUN) python -m pytest $(PYTEST_ARGS)

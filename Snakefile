@@ -18,6 +18,8 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/lists.smk"
 include: "workflow/rules/download.smk"
 include: "workflow/rules/features.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-Command = Callable[[argparse.Namespace], None]
+Command = Callable[[argparse.Namespace], "int | None"]
 _COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None], str]] = {}
 
 
@@ -186,6 +186,32 @@ def _norm_stats(args: argparse.Namespace) -> None:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 
+def _summary_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics", nargs="+", required=True, help="metrics.json files of fine-tuning and retrieval runs")
+    p.add_argument("--out-md", required=True)
+    p.add_argument("--out-csv", required=True)
+
+
+@command("summary", "gather every metric of a run beside its chance level", _summary_args)
+def _summary(args: argparse.Namespace) -> None:
+    from equiav.eval.summary import summary_markdown, summary_rows
+
+    table = summary_rows(args.metrics)
+    table.to_csv(args.out_csv, index=False)
+    text = summary_markdown(table)
+    Path(args.out_md).write_text(text)
+    print(text)
+
+
+# Stages with their own `main(argv)` (training, evaluation): `equiav NAME ...` passes the rest
+# of the command line through, so `equiav NAME --help` shows the stage's own options.
+DELEGATED = {
+    "pretrain": ("equiav.train.pretrain", "pre-train EquiAV on HDF5 features (resumes from its work dir)"),
+    "finetune": ("equiav.train.finetune", "fine-tune a pre-trained model and write its metrics"),
+    "retrieval": ("equiav.eval.retrieval", "zero-shot audio-visual retrieval metrics of a pre-trained model"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="equiav", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -194,18 +220,24 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         arguments(p)
         p.set_defaults(run=run)
+    for name, (module, help) in DELEGATED.items():
+        sub.add_parser(name, help=f"{help} (`equiav {name} --help`: {module})", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    args.run(args)
-    return 0
+    return args.run(args) or 0
 
 
 if __name__ == "__main__":

@@ -89,13 +89,47 @@ def shard_names(name):
     return sorted(f[: -len(".csv")] for f in os.listdir(folder) if f.endswith(".csv"))
 
 
-def per_shard(pattern):
-    """Input function: ``pattern`` formatted for every shard of the data set."""
+def per_shard(pattern, dataset_of=lambda wildcards: wildcards.dataset):
+    """Input function: ``pattern`` formatted for every shard of the job's data set."""
 
     def inputs(wildcards):
-        return [pattern.format(dataset=wildcards.dataset, shard=s) for s in shard_names(wildcards.dataset)]
+        name = dataset_of(wildcards)
+        return [pattern.format(dataset=name, shard=s) for s in shard_names(name)]
 
     return inputs
+
+
+# Training runs take part only when their data set is built in this run: presets replace
+# `run`, so the demo's runs (merged in from config.yaml) drop out by themselves.
+PRETRAIN = {n: r for n, r in config["pretrain"].items() if r["dataset"] in config["run"]}
+FINETUNE = {
+    n: r for n, r in config["finetune"].items() if r["dataset"] in config["run"] and r["pretrained"] in PRETRAIN
+}
+RETRIEVAL = {
+    n: r for n, r in config["retrieval"].items() if r["dataset"] in config["run"] and r["pretrained"] in PRETRAIN
+}
+
+
+def dataset_inputs(name):
+    """What every training or evaluation job reads of a data set."""
+    return {
+        "usable": f"{RESULTS}/{name}/usable.csv",
+        "norm": f"{RESULTS}/{name}/norm_stats.json",
+        "classes": f"{RESULTS}/{name}/classes.csv",
+    }
+
+
+def finetune_settings(run):
+    """The run's recipe name and overrides, as `equiav finetune --settings` takes them."""
+    return {"recipe": FINETUNE[run]["recipe"], **FINETUNE[run]["settings"]}
+
+
+def launcher(resources):
+    """The command that starts a training job: one process, or torchrun with one per GPU."""
+    gpus = resources.get("gpus", 0)
+    if gpus <= 1:
+        return "python -m equiav"
+    return f"torchrun --standalone --nproc_per_node {gpus} -m equiav"
 
 
 def all_targets():
@@ -105,4 +139,9 @@ def all_targets():
             f"{RESULTS}/{name}/availability.md",
             f"{RESULTS}/{name}/norm_stats.json",
         ]
+    targets += [f"{RESULTS}/pretrain/{run}/model.pt" for run in PRETRAIN]
+    targets += [f"{RESULTS}/finetune/{run}/metrics.json" for run in FINETUNE]
+    targets += [f"{RESULTS}/retrieval/{run}/metrics.json" for run in RETRIEVAL]
+    if FINETUNE or RETRIEVAL:
+        targets.append(f"{RESULTS}/summary.md")
     return targets

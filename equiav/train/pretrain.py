@@ -1,0 +1,768 @@
+"""Stage 5: EquiAV pre-training on HDF5 feature shards (docs/training.md).
+
+    python -m equiav.train.pretrain --settings settings.json --usable usable.csv \\
+        --norm-stats norm_stats.json --out model.pt --work-dir work/     # one process
+    torchrun --nproc-per-node 8 -m equiav.train.pretrain ...               # DDP, one node or many
+
+Rolling checkpoints, metrics.csv, TensorBoard events and the resolved configuration live in
+``--work-dir``, outside the workflow's declared outputs (Snakemake deletes the outputs of a
+failed job). A restarted job resumes from the newest checkpoint there and continues with exactly
+the steps the uninterrupted run would have made. ``--out`` (the final weights) is written only
+when training completes.
+
+Exit codes: 0 when training completed and ``--out`` is written; 128 + signal number (143 for
+SIGTERM, 138 for SIGUSR1) when a stop signal arrived: the checkpoint of the last finished step
+is saved, ``--out`` is not written, and the non-zero code tells Snakemake / SLURM that the job
+is not done (rerun or requeue it and it resumes); 1 on an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from equiav.data.store import FeatureDataset, read_index
+from equiav.losses import EquiAVLoss
+from equiav.model import EquiAV, ModelConfig, load_mae_weights
+from equiav.train.checkpoint import (
+    Checkpointer,
+    capture_rng_state,
+    code_revision,
+    export_weights,
+    restore_rng_state,
+)
+from equiav.train.common import (
+    DistInfo,
+    MetricLogger,
+    StopSignal,
+    WarmupCosine,
+    any_rank,
+    autocast,
+    build_optimizer,
+    cleanup_distributed,
+    derive_seed,
+    make_grad_scaler,
+    resolve_precision,
+    seed_everything,
+    setup_distributed,
+)
+from equiav.train.data import (
+    MODEL_INIT,
+    DeviceAugmenter,
+    GlobalBatchSampler,
+    PretrainDataset,
+    dataset_classes,
+    make_loader,
+)
+
+__all__ = ["METRICS", "RESUMABLE_CHANGES", "STRATEGIES", "PretrainSettings", "Pretrainer", "main", "train_flops_per_sample"]
+
+log = logging.getLogger(__name__)
+
+STRATEGIES: tuple[str, ...] = ("joint", "two_stage", "alternating")
+MODEL_PRESETS: dict[str, Any] = {"vit_base": ModelConfig.vit_base, "tiny": ModelConfig.tiny}
+# Settings that may differ between a checkpoint and the run that resumes it: they change how
+# often things are written or how data is loaded, never what is computed.
+RESUMABLE_CHANGES: tuple[str, ...] = ("num_workers", "log_every", "checkpoint_every", "keep_checkpoints")
+# Columns of metrics.csv after "step" (the 0-based iteration index).
+METRICS: tuple[str, ...] = (
+    "epoch",
+    "loss",
+    "inter",
+    "intra_audio",
+    "intra_visual",
+    "acc_inter",
+    "acc_intra_audio",
+    "acc_intra_visual",
+    "lr",
+    "grad_norm",
+    "samples_per_s",
+    "tflops",
+    "max_mem_gb",
+)
+_LOSS_KEYS = ("loss", "inter", "intra_audio", "intra_visual", "acc_inter", "acc_intra_audio", "acc_intra_visual")
+# augment_chunk null: gcd(per-process batch, AUTO_AUGMENT_CHUNK) rows per augmentation generator.
+AUTO_AUGMENT_CHUNK = 16
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """Every pre-training setting; the defaults are the paper's recipe (method.md section 7).
+
+    model: {"preset": "vit_base" | "tiny", plus any ModelConfig field to override}.
+    mae_weights: MAE ViT-B/16 initialisation: None (random), a local file, or "hub" (timm, online).
+    splits: the splits of usable.csv to train on.
+    epochs, batch_size (global, divided among the processes), lr (peak), start_lr, min_lr,
+        warmup_epochs (may be fractional), weight_decay, betas, clip_grad (max gradient norm;
+        None for none): AdamW with a per-iteration linear warm-up + cosine schedule.
+    precision: "auto" (bf16 on CUDA where supported, fp16 on older GPUs, fp32 on the CPU),
+        "fp32", "bf16" or "fp16".
+    num_workers: DataLoader processes per training process.
+    seed: every random choice (model init, data order, frames, augmentations) derives from it.
+    temperature, weight_inter, weight_audio, weight_visual, positive_in_denominator: EquiAVLoss.
+    strategy: "joint" (the weighted sum, the paper), "two_stage" (intra-modal terms only for
+        the first half of the steps, then the inter-modal term only) or "alternating" (intra on
+        even iterations, inter on odd ones): paper Table 7.
+    independent_visual_frame: the augmented view from a second, independently drawn frame (the
+        release) instead of the clean view's frame (method.md [fix]).
+    augment_chunk: rows per augmentation generator (docs/training.md); the per-process batch
+        must be a multiple. null: gcd(per-process batch, 16). Runs with different process
+        counts draw the same augmentations when the chunk is the same and divides every
+        per-process batch involved.
+    checkpoint_every (steps), keep_checkpoints, log_every (steps), compile (torch.compile, CUDA only).
+    """
+
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "vit_base"})
+    mae_weights: str | None = "hub"
+    splits: tuple[str, ...] = ("train",)
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 1e-4
+    start_lr: float = 1e-6
+    min_lr: float = 1e-6
+    warmup_epochs: float = 2
+    weight_decay: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = 0.01
+    precision: str = "auto"
+    num_workers: int = 4
+    seed: int = 0
+    temperature: float = 0.07
+    weight_inter: float = 1.0
+    weight_audio: float = 1.0
+    weight_visual: float = 1.0
+    positive_in_denominator: bool = True
+    strategy: str = "joint"
+    independent_visual_frame: bool = False
+    augment_chunk: int | None = None
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, Mapping):
+            raise ValueError(f"model must be a mapping like {{'preset': 'vit_base'}}, got {self.model!r}")
+        if isinstance(self.splits, str):
+            raise ValueError(f"splits must be a list of split names, e.g. [{self.splits!r}], got the string {self.splits!r}")
+        # Normalise JSON lists to tuples so that equal settings compare equal.
+        object.__setattr__(self, "splits", tuple(self.splits))
+        object.__setattr__(self, "betas", tuple(self.betas))
+        object.__setattr__(self, "model", dict(self.model))
+        problems = self._problems()
+        if problems:
+            raise ValueError("invalid pre-training settings: " + "; ".join(problems))
+        self.model_config()  # an invalid model section fails here, with ModelConfig's message
+
+    def _problems(self) -> list[str]:
+        problems = []
+        for name in ("epochs", "batch_size", "augment_chunk", "checkpoint_every", "keep_checkpoints", "log_every"):
+            value = getattr(self, name)
+            if name == "augment_chunk" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+            problems.append(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            problems.append(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not self.splits or not all(isinstance(s, str) for s in self.splits):
+            problems.append(f"splits must be a non-empty list of split names, got {list(self.splits)!r}")
+        for name in ("lr", "start_lr", "min_lr", "weight_decay", "warmup_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                problems.append(f"{name} must be a finite number >= 0, got {value!r}")
+            elif name == "lr" and value == 0:
+                problems.append("lr must be > 0 (the peak learning rate), got 0")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            problems.append(f"betas must be two numbers in [0, 1), got {list(self.betas)!r}")
+        if self.clip_grad is not None and not (isinstance(self.clip_grad, (int, float)) and self.clip_grad > 0):
+            problems.append(f"clip_grad must be > 0 or null (no clipping), got {self.clip_grad!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            problems.append(f"precision={self.precision!r}; choose auto, fp32, bf16 or fp16")
+        if self.strategy not in STRATEGIES:
+            problems.append(f"strategy={self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        elif self.strategy != "joint" and (self.weight_inter == 0 or self.weight_audio + self.weight_visual == 0):
+            problems.append(
+                f"strategy={self.strategy!r} trains the intra-modal and the inter-modal terms in turn, so "
+                "weight_inter and weight_audio + weight_visual must both be > 0"
+            )
+        if self.mae_weights is not None and not isinstance(self.mae_weights, str):
+            problems.append(f"mae_weights must be null, 'hub' or a file path, got {self.mae_weights!r}")
+        for name in ("positive_in_denominator", "independent_visual_frame", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
+        return problems
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> PretrainSettings:
+        """Settings from a (JSON) mapping; missing keys take their defaults, unknown keys are an
+        error (a typo must not silently train with a default)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown pre-training setting(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples as lists), as stored in checkpoints and weights."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def model_config(self) -> ModelConfig:
+        """The ModelConfig of ``model``: the preset with the other keys as overrides."""
+        overrides = dict(self.model)
+        preset = overrides.pop("preset", "vit_base")
+        if preset not in MODEL_PRESETS:
+            raise ValueError(f"model preset {preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown model setting(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
+        return MODEL_PRESETS[preset](**overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+def _read_settings(value: str) -> PretrainSettings:
+    """``--settings``: a JSON object, or the path of a file holding one."""
+    text = value if value.lstrip().startswith("{") else Path(value).read_text()
+    return PretrainSettings.from_dict(json.loads(text))
+
+
+def _read_usable(path: Path, splits: Sequence[str]) -> pd.DataFrame:
+    usable = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = {"clip_id", "split", "labels", "h5"} - set(usable.columns)
+    if missing:
+        raise ValueError(f"{path} lacks the column(s) {sorted(missing)}; give the usable.csv of the availability stage")
+    rows = usable[usable["split"].isin(list(splits))]
+    if rows.empty:
+        raise ValueError(
+            f"{path} has no clip in splits {list(splits)}; its splits are {sorted(set(usable['split']))}: "
+            "set `splits` in the pre-training settings"
+        )
+    return rows
+
+
+def _read_norm(path: Path) -> dict[str, Any]:
+    stats = json.loads(path.read_text())
+    for key in ("mean", "std"):
+        if not isinstance(stats.get(key), (int, float)):
+            raise ValueError(f"{path} needs a number under {key!r} (the norm_stats.json of the data stage)")
+    return stats
+
+
+def _check_shapes(features: FeatureDataset, config: ModelConfig) -> None:
+    """The stored features must be the model's input size (the clean view is not resized)."""
+    attrs = features.shard_attrs
+    pairs = (
+        ("target_frames", "audio_frames"),
+        ("num_mel_bins", "audio_freq_bins"),
+        ("frame_size", "image_size"),
+    )
+    wrong = [f"{a}={attrs[a]} but model {m}={getattr(config, m)}" for a, m in pairs if attrs[a] != getattr(config, m)]
+    if wrong:
+        raise ValueError(
+            f"the features of {features.paths[0]} do not fit the model: {'; '.join(wrong)}; set the model's "
+            "sizes in the settings' `model` section to the feature settings"
+        )
+
+
+def _fingerprint(clip_ids: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(clip_ids).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers of the loop
+# --------------------------------------------------------------------------------------------
+
+
+def train_flops_per_sample(config: ModelConfig) -> float:
+    """Model FLOPs of one training sample (forward and backward of both views, the predictor
+    and the heads; not the augmentations or the loss), counted on the meta device."""
+    batch = 2
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = EquiAV(config)
+        audio = torch.zeros(batch, config.audio_frames, config.audio_freq_bins)
+        visual = torch.zeros(batch, 3, config.image_size, config.image_size)
+        s = config.centroid_samples
+        inputs = (
+            audio, visual, audio, visual,
+            torch.zeros(batch, config.audio_param_dim), torch.zeros(batch, config.visual_param_dim),
+            torch.zeros(batch, s, config.audio_param_dim), torch.zeros(batch, s, config.visual_param_dim),
+        )  # fmt: skip
+        with FlopCounterMode(display=False) as counter:
+            outputs = model(*inputs)
+            torch.stack([o.sum() for o in outputs.values()]).sum().backward()
+    return counter.get_total_flops() / batch
+
+
+def _phase(strategy: str, step: int, total_steps: int) -> str:
+    """Which loss terms iteration ``step`` trains: "joint", "intra" or "inter"."""
+    if strategy == "joint":
+        return "joint"
+    if strategy == "two_stage":
+        return "intra" if step < total_steps // 2 else "inter"
+    return "intra" if step % 2 == 0 else "inter"
+
+
+def _reachable_parameters(output: Tensor) -> set[int]:
+    """ids of the leaf tensors (parameters) that ``output``'s autograd graph reaches."""
+    reached: set[int] = set()
+    seen: set[Any] = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if variable is not None:
+            reached.add(id(variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return reached
+
+
+class _PhaseObjective:
+    """The tensor to back-propagate for a phase, and which parameters the optimiser may update.
+
+    A phase that trains only some terms still back-propagates the others with weight 0: under
+    DDP (find_unused_parameters=False) every parameter must receive a gradient at every step.
+    Those zero gradients must not reach AdamW, whose momentum and weight decay would still move
+    the parameters, so after the backward pass the gradients of parameters the phase's terms do
+    not reach are set to None (the graph walk is done once per phase).
+    """
+
+    def __init__(self, criterion: EquiAVLoss, parameters: Sequence[nn.Parameter]) -> None:
+        self.criterion = criterion
+        self.parameters = parameters
+        self._reached: dict[str, set[int]] = {}
+
+    def __call__(self, losses: Mapping[str, Tensor], phase: str) -> Tensor:
+        if phase == "joint":
+            return losses["loss"]
+        c = self.criterion
+        intra = c.weight_audio * losses["intra_audio"] + c.weight_visual * losses["intra_visual"]
+        inter = c.weight_inter * losses["inter"]
+        active, inactive = (intra, inter) if phase == "intra" else (inter, intra)
+        if phase not in self._reached:
+            self._reached[phase] = _reachable_parameters(active)
+        return active + 0.0 * inactive
+
+    def drop_inactive_gradients(self, phase: str) -> None:
+        if phase == "joint":
+            return
+        reached = self._reached[phase]
+        for parameter in self.parameters:
+            if id(parameter) not in reached:
+                parameter.grad = None
+
+
+class _Window:
+    """Sums of the step metrics since the last log line, kept on the device (no sync per step)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.steps = 0
+        self.lr = math.nan  # of the window's last step
+        self.paused_s = 0.0  # checkpoint writing, not training
+        self.start = time.perf_counter()
+
+    def add(self, values: Mapping[str, Tensor], lr: float) -> None:
+        for key, value in values.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.steps += 1
+        self.lr = lr
+
+    def summary(self, global_batch: int, flops_per_sample: float, device: torch.device) -> dict[str, float]:
+        """The logged values of the window (averaged over its steps and over all ranks: a
+        collective), then a fresh window. Raises when the loss is no longer finite."""
+        keys = sorted(self.sums)
+        means = torch.stack([self.sums[k] for k in keys]) / self.steps
+        if dist.is_initialized():
+            dist.all_reduce(means)
+            means /= dist.get_world_size()
+        values = dict(zip(keys, means.tolist(), strict=True))
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(
+                f"the loss is {values['loss']}: training diverged. Lower lr, use precision 'fp32' or "
+                "'bf16', or resume from an earlier checkpoint"
+            )
+        seconds = time.perf_counter() - self.start - self.paused_s
+        samples_per_s = global_batch * self.steps / seconds if seconds > 0 else math.nan
+        values.update(
+            lr=self.lr,
+            samples_per_s=samples_per_s,
+            # Achieved model TFLOP/s over all processes (no peak rate needed, unlike MFU).
+            tflops=flops_per_sample * samples_per_s / 1e12,
+            max_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan,
+        )
+        self.reset()
+        return values
+
+
+def _resolved_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable differences between two resolved configurations (nested dicts)."""
+    differences = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        if prefix == "settings." and key in RESUMABLE_CHANGES:
+            continue
+        old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            differences += _resolved_differences(old, new, f"{name}.")
+        elif old != new:
+            differences.append(f"{name}: {old!r} in the checkpoint, {new!r} now")
+    return differences
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+class Pretrainer:
+    """One pre-training run: data, model, optimiser and the loop, resumable from ``work_dir``.
+
+    Position in the run: ``step`` (iterations done), ``epoch`` and ``batch_in_epoch`` (global
+    batches of that epoch already consumed). A checkpoint holds them with the model, optimiser,
+    scheduler, gradient scaler, every rank's RNG states and the resolved configuration.
+    """
+
+    def __init__(
+        self, settings: PretrainSettings, *, usable: Path, norm_stats: Path, out: Path, work_dir: Path, info: DistInfo
+    ) -> None:
+        self.settings, self.info, self.out, self.work_dir = settings, info, out, work_dir
+        device = self.device = info.device
+        self.precision = resolve_precision(settings.precision, device)
+        self.model_config = config = settings.model_config()
+
+        rows = _read_usable(usable, settings.splits)
+        self.norm = _read_norm(norm_stats)
+        clip_ids = sorted(rows["clip_id"])
+        shards = sorted(set(rows["h5"]))
+        features = FeatureDataset(
+            shards,
+            dataset_classes(read_index(shards)["labels"]),
+            mean=self.norm["mean"],
+            std=self.norm["std"],
+            splits=settings.splits,
+            frame="random",
+            clip_ids=clip_ids,
+        )
+        _check_shapes(features, config)
+        self.dataset = PretrainDataset(
+            features, seed=settings.seed, independent_visual_frame=settings.independent_visual_frame
+        )
+        self.sampler = GlobalBatchSampler(
+            len(self.dataset), settings.batch_size, rank=info.rank, world_size=info.world_size, seed=settings.seed
+        )
+        chunk = settings.augment_chunk or math.gcd(self.sampler.local_batch, AUTO_AUGMENT_CHUNK)
+        self.augmenter = DeviceAugmenter(
+            seed=settings.seed,
+            image_size=config.image_size,
+            centroid_samples=config.centroid_samples,
+            chunk=chunk,
+            device=device,
+        )
+        self.augmenter.check_batch(self.sampler.local_batch)
+        self.steps_per_epoch = self.sampler.batches_per_epoch
+        self.total_steps = settings.epochs * self.steps_per_epoch
+
+        torch.manual_seed(derive_seed(settings.seed, MODEL_INIT))  # the same initial model on every rank
+        self.model = EquiAV(config).to(device)
+        seed_everything(settings.seed, info.rank)
+        self.optimizer = build_optimizer(
+            self.model, lr=settings.lr, weight_decay=settings.weight_decay, betas=settings.betas
+        )
+        self.scheduler = WarmupCosine(
+            self.optimizer,
+            peak_lr=settings.lr,
+            total_steps=self.total_steps,
+            warmup_steps=min(self.total_steps, int(settings.warmup_epochs * self.steps_per_epoch)),
+            start_lr=settings.start_lr,
+            min_lr=settings.min_lr,
+        )
+        self.scaler = make_grad_scaler(self.precision, device)
+        self.criterion = EquiAVLoss(
+            temperature=settings.temperature,
+            weight_inter=settings.weight_inter,
+            weight_audio=settings.weight_audio,
+            weight_visual=settings.weight_visual,
+            positive_in_denominator=settings.positive_in_denominator,
+        )
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.objective = _PhaseObjective(self.criterion, self.parameters)
+        self.checkpointer = Checkpointer(work_dir / "checkpoints", keep=settings.keep_checkpoints)
+        self.resolved = {
+            "settings": settings.to_dict(),
+            "model_config": config.to_dict(),
+            "norm": {"mean": self.norm["mean"], "std": self.norm["std"]},
+            "data": {
+                "clips": len(self.dataset),
+                "clip_ids_sha256": _fingerprint(clip_ids),
+                "steps_per_epoch": self.steps_per_epoch,
+            },
+        }
+        self.revision = code_revision()
+        self.step = self.epoch = self.batch_in_epoch = 0
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def resume(self) -> Path | None:
+        """Load the newest checkpoint of ``work_dir`` if there is one (else initialise from MAE
+        when asked) and return its path."""
+        latest = self.checkpointer.latest()
+        if latest is None:
+            if self.settings.mae_weights is not None:
+                log.info(load_mae_weights(self.model, self.settings.mae_weights).summary())
+            return None
+        state = self.checkpointer.load(latest)
+        differences = _resolved_differences(state["config"], self.resolved)
+        if differences:
+            raise RuntimeError(
+                f"cannot resume from {latest}: it was written with other settings or data "
+                f"({'; '.join(differences)}). Restore them, or start afresh with another --work-dir "
+                f"(only {', '.join(RESUMABLE_CHANGES)} and --max-steps may change between runs)"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        rng = state["rng"]
+        if len(rng) == self.info.world_size:
+            restore_rng_state(rng[self.info.rank])
+        else:
+            # Only dropout-like layers read these generators; data and augmentation streams are keyed.
+            log.warning("the checkpoint has RNG states of %d process(es), this run has %d: reseeding", len(rng), self.info.world_size)
+            seed_everything(derive_seed(self.settings.seed, self.step), self.info.rank)
+        log.info(
+            "resuming from %s at step %d/%d (epoch %d, batch %d)",
+            latest, self.step, self.total_steps, self.epoch, self.batch_in_epoch,
+        )  # fmt: skip
+        return latest
+
+    def write_run_info(self, resumed_from: Path | None) -> None:
+        """``work_dir/config.json``: the resolved configuration and where this run executes."""
+        if not self.info.is_main:
+            return
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        run_info = {
+            **self.resolved,
+            "code_revision": self.revision,
+            "world_size": self.info.world_size,
+            "device": str(self.device),
+            "precision": self.precision,
+            "augment_chunk": self.augmenter.chunk,
+            "total_steps": self.total_steps,
+            "resumed_from": str(resumed_from) if resumed_from else None,
+        }
+        (self.work_dir / "config.json").write_text(json.dumps(run_info, indent=2) + "\n")
+
+    def save_checkpoint(self) -> None:
+        """Checkpoint the current position (a collective: every rank sends its RNG states)."""
+        rng: list[Any] = [capture_rng_state()]
+        if dist.is_initialized():
+            rng = [None] * self.info.world_size
+            dist.all_gather_object(rng, capture_rng_state())
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "config": self.resolved,
+            "code_revision": self.revision,
+            "world_size": self.info.world_size,
+        }
+        self.checkpointer.save(state, self.step)
+
+    def export(self) -> None:
+        """Write ``--out`` (rank 0) and wait for it on every rank."""
+        if self.info.is_main:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            extra = {
+                "settings": self.settings.to_dict(),
+                "norm_stats": self.norm,
+                "code_revision": self.revision,
+                "steps": self.step,
+                "total_steps": self.total_steps,
+            }
+            export_weights(self.model, self.out, config=self.model_config.to_dict(), extra=extra)
+            log.info("wrote %s after %d steps", self.out, self.step)
+        if dist.is_initialized():
+            dist.barrier()
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def _wrapped_model(self) -> nn.Module:
+        model: nn.Module = self.model
+        if self.settings.compile:
+            if self.device.type == "cuda":
+                model = torch.compile(model)
+            else:
+                log.info("compile=true is ignored on %s (torch.compile is used on CUDA only)", self.device)
+        if self.info.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return model
+
+    def _train_step(self, model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, Tensor], float]:
+        """One optimiser step on this rank's slice of the global batch. Returns the losses,
+        accuracies and ``grad_norm`` (tensors, not synchronised) and the learning rate."""
+        phase = _phase(self.settings.strategy, self.step, self.total_steps)
+        views = self.augmenter(batch, self.step, self.info.rank * self.sampler.local_batch)
+        with autocast(self.precision, self.device):
+            outputs = model(*views.model_inputs())
+        losses = self.criterion(outputs)  # float32 whatever the autocast dtype
+        self.scaler.scale(self.objective(losses, phase)).backward()
+        self.objective.drop_inactive_gradients(phase)
+        lr = self.scheduler.step()
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients (a no-op unless fp16)
+        clip = self.settings.clip_grad if self.settings.clip_grad is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {**{k: losses[k] for k in _LOSS_KEYS}, "grad_norm": grad_norm}, lr
+
+    def run(self, *, max_steps: int | None, stop: StopSignal) -> int:
+        """Train from the current position to the end (or ``max_steps``); the exit code."""
+        end_step = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
+        if self.step >= end_step:
+            self.export()
+            return 0
+        model = self._wrapped_model()
+        # Stop flags travel over gloo so that the per-step agreement never waits on the GPU stream.
+        control = dist.new_group(backend="gloo") if dist.is_initialized() and dist.get_backend() != "gloo" else None
+        loader = make_loader(
+            self.dataset,
+            self.sampler,
+            num_workers=self.settings.num_workers,
+            pin_memory=self.device.type == "cuda",
+            seed=self.settings.seed,
+            rank=self.info.rank,
+        )
+        flops = train_flops_per_sample(self.model_config) if self.info.is_main else 0.0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        log.info(
+            "pre-training %d steps (%d per epoch x %d epochs; this run stops at %d) on %d process(es), %s, %s",
+            self.total_steps, self.steps_per_epoch, self.settings.epochs, end_step, self.info.world_size,
+            self.device, self.precision,
+        )  # fmt: skip
+
+        window = _Window()
+        self.model.train()
+        with MetricLogger(
+            self.work_dir / "metrics.csv",
+            tensorboard_dir=self.work_dir / "tensorboard",
+            total_steps=end_step,
+            resume_step=self.step,
+            enabled=self.info.is_main,
+        ) as logger:
+            while self.step < end_step:
+                self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+                for batch in loader:
+                    iteration = self.step
+                    window.add(*self._train_step(model, batch))
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    if self.batch_in_epoch == self.steps_per_epoch:
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    if self.step % self.settings.log_every == 0 or self.step == end_step:
+                        values = window.summary(self.settings.batch_size, flops, self.device)
+                        values["epoch"] = self.step / self.steps_per_epoch
+                        logger.log(iteration, {key: values[key] for key in METRICS})
+
+                    signum = any_rank(stop.signum or 0, control)
+                    if self.step % self.settings.checkpoint_every == 0 or self.step == end_step or signum:
+                        started = time.perf_counter()
+                        self.save_checkpoint()
+                        window.paused_s += time.perf_counter() - started
+                    if signum and self.step < end_step:
+                        if dist.is_initialized():
+                            dist.barrier()  # no rank exits while rank 0 still writes
+                        log.warning("stopped by signal %d at step %d; its checkpoint resumes the run", signum, self.step)
+                        return 128 + signum
+                    if self.step == end_step:
+                        break
+        self.export()
+        return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m equiav.train.pretrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", required=True, help="pre-training settings: a JSON object or a JSON file")
+    parser.add_argument("--usable", required=True, type=Path, help="usable.csv of the availability stage")
+    parser.add_argument("--norm-stats", required=True, type=Path, help="norm_stats.json (keys mean, std)")
+    parser.add_argument("--out", required=True, type=Path, help="final weights, written when training completes")
+    parser.add_argument("--work-dir", required=True, type=Path, help="checkpoints, metrics.csv, TensorBoard, config")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop (and export) after this many steps")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (module docstring)."""
+    args = build_parser().parse_args(argv)
+    if args.max_steps is not None and args.max_steps < 1:
+        raise SystemExit(f"--max-steps must be >= 1, got {args.max_steps}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    settings = _read_settings(args.settings)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    with StopSignal() as stop:
+        info = setup_distributed()
+        try:
+            if info.device.type == "cpu":
+                # Exact resumption on the CPU; on CUDA determinism would cost speed for nothing
+                # that resuming needs (the checkpoint carries the state, not a replay).
+                torch.use_deterministic_algorithms(True)
+            else:
+                torch.set_float32_matmul_precision("high")
+            if not info.is_main:
+                logging.getLogger("equiav").setLevel(logging.WARNING)
+            trainer = Pretrainer(
+                settings, usable=args.usable, norm_stats=args.norm_stats, out=args.out, work_dir=args.work_dir, info=info
+            )
+            trainer.write_run_info(trainer.resume())
+            return trainer.run(max_steps=args.max_steps, stop=stop)
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+            cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+# Stages 6-7: fine-tuning runs and zero-shot retrieval, each writing one metrics file.
+
+
+rule finetune:
+    input:
+        unpack(lambda w: dataset_inputs(FINETUNE[w.run]["dataset"])),
+        pretrained=lambda w: f"{RESULTS}/pretrain/{FINETUNE[w.run]['pretrained']}/model.pt",
+        h5=per_shard(f"{DATA}/{{dataset}}/features/{{shard}}.h5", lambda w: FINETUNE[w.run]["dataset"]),
+    output:
+        f"{RESULTS}/finetune/{{run}}/metrics.json",
+    log:
+        f"{RESULTS}/finetune/{{run}}/finetune.log",
+    benchmark:
+        f"{RESULTS}/finetune/{{run}}/benchmark.tsv"
+    conda:
+        "../../envs/train.yaml"
+    params:
+        settings=lambda w: json.dumps(finetune_settings(w.run), sort_keys=True),
+        work_dir=lambda w: f"{DATA}/finetune/{w.run}",
+        launch=lambda w: launcher(FINETUNE[w.run]["resources"]),
+    threads: lambda w: max(1, FINETUNE[w.run]["resources"]["gpus"]) * FINETUNE[w.run]["resources"]["cpus_per_gpu"]
+    resources:
+        gpu=lambda w: FINETUNE[w.run]["resources"]["gpus"],
+        runtime=lambda w: FINETUNE[w.run]["resources"]["runtime"],
+    wildcard_constraints:
+        run=one_of(FINETUNE),
+    shell:
+        "{params.launch} finetune --settings {params.settings:q} --pretrained {input.pretrained}"
+        " --usable {input.usable} --norm-stats {input.norm} --classes {input.classes}"
+        " --out {output} --work-dir {params.work_dir} 2> {log}"
+
+
+rule retrieval:
+    input:
+        unpack(lambda w: dataset_inputs(RETRIEVAL[w.run]["dataset"])),
+        pretrained=lambda w: f"{RESULTS}/pretrain/{RETRIEVAL[w.run]['pretrained']}/model.pt",
+        h5=per_shard(f"{DATA}/{{dataset}}/features/{{shard}}.h5", lambda w: RETRIEVAL[w.run]["dataset"]),
+    output:
+        metrics=f"{RESULTS}/retrieval/{{run}}/metrics.json",
+        ids=f"{RESULTS}/retrieval/{{run}}/ids.txt",
+    log:
+        f"{RESULTS}/retrieval/{{run}}/retrieval.log",
+    conda:
+        "../../envs/train.yaml"
+    params:
+        run=lambda w: RETRIEVAL[w.run],
+        ids=lambda w: f"--ids {RETRIEVAL[w.run]['ids']}" if RETRIEVAL[w.run]["ids"] else "",
+    resources:
+        gpu=lambda w: RETRIEVAL[w.run]["resources"]["gpus"],
+    wildcard_constraints:
+        run=one_of(RETRIEVAL),
+    shell:
+        "python -m equiav retrieval --pretrained {input.pretrained} --usable {input.usable}"
+        " --norm-stats {input.norm} --classes {input.classes} --split {params.run[split]}"
+        " --per-class {params.run[per_class]} {params.ids} --seed {params.run[seed]}"
+        " --samples {params.run[samples]} --out {output.metrics} --ids-out {output.ids} 2> {log}"
+
+
+rule summary:
+    input:
+        [f"{RESULTS}/finetune/{run}/metrics.json" for run in FINETUNE]
+        + [f"{RESULTS}/retrieval/{run}/metrics.json" for run in RETRIEVAL],
+    output:
+        md=f"{RESULTS}/summary.md",
+        csv=f"{RESULTS}/summary.csv",
+    log:
+        f"{RESULTS}/logs/summary.log",
+    conda:
+        "../../envs/data.yaml"
+    shell:
+        "python -m equiav summary --metrics {input} --out-md {output.md} --out-csv {output.csv} > {log} 2>&1"

@@ -1,0 +1,31 @@
+# Stage 5: pre-training. Rolling checkpoints and logs live in <data_dir>/pretrain/<run>/,
+# outside the declared output (Snakemake deletes the outputs of a failed job); a re-run
+# resumes from the newest checkpoint and only the finished weights are the output.
+
+
+rule pretrain:
+    input:
+        unpack(lambda w: dataset_inputs(PRETRAIN[w.run]["dataset"])),
+        h5=per_shard(f"{DATA}/{{dataset}}/features/{{shard}}.h5", lambda w: PRETRAIN[w.run]["dataset"]),
+    output:
+        f"{RESULTS}/pretrain/{{run}}/model.pt",
+    log:
+        f"{RESULTS}/pretrain/{{run}}/pretrain.log",
+    benchmark:
+        f"{RESULTS}/pretrain/{{run}}/benchmark.tsv"
+    conda:
+        "../../envs/train.yaml"
+    params:
+        settings=lambda w: json.dumps(PRETRAIN[w.run]["settings"], sort_keys=True),
+        work_dir=lambda w: f"{DATA}/pretrain/{w.run}",
+        launch=lambda w: launcher(PRETRAIN[w.run]["resources"]),
+    threads: lambda w: max(1, PRETRAIN[w.run]["resources"]["gpus"]) * PRETRAIN[w.run]["resources"]["cpus_per_gpu"]
+    resources:
+        gpu=lambda w: PRETRAIN[w.run]["resources"]["gpus"],
+        nodes=lambda w: PRETRAIN[w.run]["resources"]["nodes"],
+        runtime=lambda w: PRETRAIN[w.run]["resources"]["runtime"],
+    wildcard_constraints:
+        run=one_of(PRETRAIN),
+    shell:
+        "{params.launch} pretrain --settings {params.settings:q} --usable {input.usable}"
+        " --norm-stats {input.norm} --out {output} --work-dir {params.work_dir} 2> {log}"
