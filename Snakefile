@@ -2,7 +2,7 @@
 # Run the demo with `make demo`; paper runs add `--configfile workflow/presets/<preset>.yaml`.
 from snakemake.utils import min_version
 
-from equiav.config import validate_config
+from equiav.config import check_run_settings, validate_config
 
 min_version("9.0")
 
@@ -12,6 +12,7 @@ configfile: "config.yaml"
 
 # Fills defaults and stops with every bad key named before any job is planned.
 validate_config(config)
+check_run_settings(config)
 
 
 include: "workflow/rules/common.smk"

@@ -48,10 +48,14 @@ def _settings(p: argparse.ArgumentParser) -> None:
     "check config files (merged left to right) against the schema",
     lambda p: p.add_argument("configs", nargs="+", type=Path),
 )
-def _validate_config(args: argparse.Namespace) -> None:
-    from equiav.config import load_config
+def _validate_config(args: argparse.Namespace) -> int | None:
+    from equiav.config import ConfigError, load_config
 
-    config = load_config(*args.configs)
+    try:
+        config = load_config(*args.configs)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
     print(f"valid: run {', '.join(config['run'])}")
 
 

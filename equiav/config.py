@@ -101,6 +101,12 @@ def _semantic_problems(config: dict) -> list[str]:
         if name not in datasets:
             known = ", ".join(sorted(datasets)) or "none"
             problems.append(f"config key 'run': {name!r} is not defined under `datasets` (defined: {known})")
+    for section in ("pretrain", "finetune", "retrieval"):
+        for name, run in config.get(section, {}).items():
+            if run["dataset"] not in datasets:
+                problems.append(f"config key '{section}.{name}.dataset': {run['dataset']!r} is not defined under `datasets`")
+            if section != "pretrain" and run["pretrained"] not in config.get("pretrain", {}):
+                problems.append(f"config key '{section}.{name}.pretrained': {run['pretrained']!r} is not a `pretrain` run")
     for name, dataset in datasets.items():
         if not all(ch.isalnum() or ch in "_-" for ch in name):
             problems.append(f"config key 'datasets.{name}': data set names may hold only letters, digits, '_' and '-'")
@@ -122,13 +128,35 @@ def _semantic_problems(config: dict) -> list[str]:
     return problems
 
 
+def check_run_settings(config: dict) -> None:
+    """Build the settings of every training and evaluation run, so a bad field stops the
+    workflow at start-up rather than hours later, when its job finally runs."""
+    from equiav.train.finetune import FinetuneSettings
+    from equiav.train.pretrain import PretrainSettings
+
+    problems = []
+    for section, build in (
+        ("pretrain", lambda run: PretrainSettings.from_dict(run["settings"])),
+        ("finetune", lambda run: FinetuneSettings.from_dict({"recipe": run["recipe"], **run["settings"]})),
+    ):
+        for name, run in config.get(section, {}).items():
+            try:
+                build(run)
+            except (TypeError, ValueError, KeyError) as e:
+                problems.append(f"config key '{section}.{name}.settings': {e}")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
 def load_config(*paths: str | Path) -> dict:
     """Merge YAML files left to right (as Snakemake's --configfile does) and validate the result."""
     config: dict = {}
     for path in paths:
         with open(path) as f:
             _merge(config, yaml.safe_load(f) or {})
-    return validate_config(config)
+    validate_config(config)
+    check_run_settings(config)
+    return config
 
 
 def _merge(base: dict, update: dict) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import h5py
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from equiav.data import status as st
@@ -58,6 +60,12 @@ def demo_run(tmp_path_factory) -> Path:
                 "data_dir": str(work / "data"),
                 "demo": {"classes": 3, "train_per_class": 4, "test_per_class": 2},
                 "datasets": {"demo": {"shard_size": 8}},
+                # Enough steps to exercise every stage, not to learn (the shipped demo does that).
+                "pretrain": {"demo": {"settings": {"epochs": 2, "batch_size": 4, "warmup_epochs": 1}}},
+                "finetune": {
+                    run: {"settings": {"epochs": 1, "batch_size": 4}}
+                    for run in ("demo_audio", "demo_visual", "demo_audiovisual")
+                },
             }
         )
     )
@@ -110,6 +118,24 @@ def test_demo_features_hold_exactly_the_usable_clips(demo_run):
     assert stats["measured"]["clips"] == (usable["split"] == "train").sum()
 
 
+def test_demo_trains_and_evaluates(demo_run):
+    results = demo_run / "results"
+    weights = torch.load(results / "pretrain/demo/model.pt", weights_only=True)
+    assert weights["model_config"]["audio_frames"] == 304
+    for modality in ("audio", "visual", "audiovisual"):
+        metrics = json.loads((results / f"finetune/demo_{modality}/metrics.json").read_text())
+        assert metrics["modality"] == modality and metrics["metric"] == "accuracy"
+        assert 0 <= metrics["value"] <= 1 and metrics["chance"] == pytest.approx(1 / 3)
+        assert metrics["eval_clips"] == 6
+    retrieval = json.loads((results / "retrieval/demo/metrics.json").read_text())
+    ids = (results / "retrieval/demo/ids.txt").read_text().split()
+    assert retrieval["clips"] == len(ids) == 6
+    assert set(retrieval["v2a"]) >= {"R@1", "R@5", "R@10", "median_rank"}
+    summary = pd.read_csv(results / "summary.csv")
+    assert len(summary) == 3 + 6  # three fine-tuning accuracies, R@1/5/10 both ways
+    assert (results / "summary.md").read_text().count("| demo") == 9
+
+
 def test_demo_rerun_has_nothing_to_do(demo_run):
     override = demo_run / "small.yaml"
     proc = snakemake("-n", "--configfile", str(override))
@@ -143,3 +169,18 @@ def test_audioset_2m_preset_builds_its_dag_from_full_size_lists(tmp_path):
     out = proc.stdout + proc.stderr
     jobs = {line.split()[0]: int(line.split()[1]) for line in out.splitlines() if line.split()[:1] in (["download"], ["features"])}
     assert jobs == {"download": shards, "features": shards}
+
+
+def test_paper_preset_plans_every_run(tmp_path):
+    """Pre-training on GPUs, 9 fine-tuning runs + ESC-50 + SPC-v1, and the two retrieval runs."""
+    presets = [PRESETS / f"{name}.yaml" for name in ("audioset_2m", "vggsound", "esc50", "spc_v1", "paper")]
+    proc = snakemake(
+        "-n", "-p", "--configfile", *map(str, presets),
+        "--config", f"results_dir={tmp_path}/results", f"data_dir={tmp_path}/data",
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    counts = {line.split()[0]: int(line.split()[1]) for line in out.splitlines() if re.fullmatch(r"\w+\s+\d+", line)}
+    assert counts["pretrain"] == 1 and counts["finetune"] == 11 and counts["retrieval"] == 2
+    pretrain_job = out[out.index("rule pretrain:") :].split("\n\n")[0]
+    assert "gpu=8" in pretrain_job
+    assert "torchrun --standalone --nproc_per_node 8 -m equiav pretrain" in out
