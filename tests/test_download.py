@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import wave
 from pathlib import Path
 
 import pandas as pd
@@ -29,6 +30,11 @@ def served(tmp_path_factory) -> Path:
         make_clip(root / f"{name}.mp4", seconds=6.0)
     make_clip(root / "noaudio.mp4", seconds=6.0, with_audio=False)
     make_clip(root / "short.mp4", seconds=2.0)
+    # A WAV header with no samples, as some files of real audio collections are.
+    with wave.open(str(root / "empty.wav"), "wb") as empty:
+        empty.setnchannels(2)
+        empty.setsampwidth(2)
+        empty.setframerate(44100)
     # moov atom at the end, as in a file whose upload or copy broke off: the head has no index.
     whole = make_clip(root / "whole.mp4", seconds=6.0, faststart=False).read_bytes()
     (root / "truncated.mp4").write_bytes(whole[: len(whole) // 2])
@@ -192,6 +198,13 @@ def test_source_kinds(tmp_path):
     assert source_kind(str(tmp_path / "a.mp4")) == "path"
     with pytest.raises(ValueError, match="unsupported source"):
         source_kind("s3://bucket/a.mp4")
+
+
+def test_an_empty_audio_file_is_too_short(served, tmp_path):
+    clips = _clips([("empty", str(served / "empty.wav")), ("fine", str(served / "good.mp4"))]).assign(end=float("nan"))
+    rows = ShardDownloader(tmp_path, _fast(need_video=False)).run(clips).set_index("clip_id")
+    assert rows.loc["empty", "status"] == st.TOO_SHORT and "no samples" in rows.loc["empty", "detail"]
+    assert rows.loc["fine", "status"] == st.OK
 
 
 def test_missing_cookies_file_fails_the_job_not_the_clips(tmp_path):

@@ -342,6 +342,8 @@ class ShardDownloader:
             raise FetchError(st.NO_AUDIO, "the media has no audio stream")
         if s.need_video and not info.has_video:
             raise FetchError(st.NO_VIDEO, "the media has no video stream")
+        if present <= 0:
+            raise FetchError(st.TOO_SHORT, "the media holds no samples (an empty stream)")
         if not pd.isna(duration):
             covered = max(0.0, present - offset)
             if covered < s.min_coverage * duration:

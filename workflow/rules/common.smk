@@ -2,7 +2,12 @@
 import json
 import os
 import re
+import sys
 from pathlib import Path
+
+# Rules run `python -m equiav`: put the Python that runs Snakemake first on the jobs' PATH, so
+# a venv works without being activated (a conda env of `--sdm conda` is activated on top of it).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 RESULTS = config["results_dir"]
 DATA = config["data_dir"]
