@@ -10,6 +10,11 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+# The jobs find `python -m equiav` through PATH (see workflow/rules/common.smk).
+envvars:
+    "PATH",
+
+
 # Fills defaults and stops with every bad key named before any job is planned.
 validate_config(config)
 check_run_settings(config)
@@ -21,6 +26,7 @@ include: "workflow/rules/download.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/tables.smk"
 
 
 rule all:

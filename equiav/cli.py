@@ -213,6 +213,7 @@ DELEGATED = {
     "pretrain": ("equiav.train.pretrain", "pre-train EquiAV on HDF5 features (resumes from its work dir)"),
     "finetune": ("equiav.train.finetune", "fine-tune a pre-trained model and write its metrics"),
     "retrieval": ("equiav.eval.retrieval", "zero-shot audio-visual retrieval metrics of a pre-trained model"),
+    "tables": ("equiav.eval.tables", "the paper's tables: our numbers beside the paper's"),
 }
 
 

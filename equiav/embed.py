@@ -535,7 +535,9 @@ def rank_clips(query: Embeddings, keys: Embeddings, *, direction: str = "a2v", r
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="model.pt of the pre-train stage (or a release file with --release)")
+    p.add_argument(
+        "--checkpoint", required=True, help="model.pt of the pre-train stage (or a release file with --release)"
+    )
     p.add_argument("--release", action="store_true", help="the checkpoint is the authors' release (converted on load)")
     p.add_argument("--mean", type=float, help="fbank normalisation mean (default: the checkpoint's)")
     p.add_argument("--std", type=float, help="fbank normalisation std (default: the checkpoint's)")
@@ -585,7 +587,7 @@ def build_retrieve_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", required=True, help="the query video file")
     p.add_argument("--folder", required=True, help="the folder of candidate clips")
     p.add_argument(
-        "--direction", choices=DIRECTIONS, default="a2v", help="a2v: query audio vs candidate pictures; v2a: the reverse"
+        "--direction", choices=DIRECTIONS, default="a2v", help="a2v: query sound vs clips' pictures; v2a: the reverse"
     )
     p.add_argument("--top", type=int, default=10, help="clips to print (0: all)")
     _model_arguments(p)
@@ -621,8 +623,8 @@ def main_embed(argv: Sequence[str] | None = None) -> int:
 
 
 def main_retrieve(argv: Sequence[str] | None = None) -> int:
-    """``equiav retrieve --query CLIP --folder DIR --checkpoint PATH [--direction a2v|v2a] [--top K]``:
-    prints rank, clip id and cosine similarity, most similar first."""
+    """``equiav retrieve --query CLIP --folder DIR --checkpoint PATH [--direction a2v|v2a]
+    [--top K]``: prints rank, cosine similarity and clip id, most similar first."""
     args = build_retrieve_parser().parse_args(argv)
     if args.top < 0:
         return _fail(f"--top must be >= 0 (0: every clip), got {args.top}")

@@ -149,4 +149,5 @@ def all_targets():
     targets += [f"{RESULTS}/retrieval/{run}/metrics.json" for run in RETRIEVAL]
     if FINETUNE or RETRIEVAL:
         targets.append(f"{RESULTS}/summary.md")
+        targets.append(f"{RESULTS}/tables/tables.md")
     return targets

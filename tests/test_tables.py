@@ -1,0 +1,192 @@
+"""Stage 8: the paper's tables from synthetic metric files, and the ablation preset's plan."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from equiav.eval import paper_numbers, tables
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = REPO / "workflow" / "presets"
+
+
+def finetune_metrics(results: Path, run: str, value: float, metric: str = "map", train: int = 100, evaluated: int = 40) -> None:
+    path = results / "finetune" / run / "metrics.json"
+    path.parent.mkdir(parents=True)
+    settings = {"train_splits": ["balanced_train"], "eval_splits": ["eval"], "folds": []}
+    data = {"task": "finetune", "modality": "audio", "metric": metric, "value": value, "chance": 0.01,
+            "train_clips": train, "eval_clips": evaluated, "settings": settings}  # fmt: skip
+    path.write_text(json.dumps(data))
+
+
+def retrieval_metrics(results: Path, run: str, r1: float, clips: int = 50) -> None:
+    path = results / "retrieval" / run / "metrics.json"
+    path.parent.mkdir(parents=True)
+    recalls = {"R@1": r1, "R@5": 0.5, "R@10": 0.6}
+    data = {"task": "retrieval", "split": "eval", "clips": clips, "v2a": recalls, "a2v": {**recalls, "R@1": r1 / 2},
+            "chance_r1": 1 / clips, "chance_r5": 5 / clips, "chance_r10": 10 / clips}  # fmt: skip
+    path.write_text(json.dumps(data))
+
+
+def availability(results: Path, dataset: str) -> None:
+    (results / dataset).mkdir(parents=True, exist_ok=True)
+    (results / dataset / "availability.csv").write_text(
+        "split,status,clips,share\n"
+        "balanced_train,ok,90,0.9\nbalanced_train,unavailable,10,0.1\n"
+        "eval,ok,45,0.9\neval,no-audio,5,0.1\n"
+        "all,ok,135,0.9\nall,unavailable,10,0.0667\nall,no-audio,5,0.0333\n"
+    )
+
+
+def cell(frame: pd.DataFrame, row: str, column: str) -> pd.Series:
+    match = frame[(frame["row"] == row) & (frame["column"] == column)]
+    assert len(match) == 1, (row, column)
+    return match.iloc[0]
+
+
+def test_table1_values_differences_percent_and_clips(tmp_path):
+    results = tmp_path / "results"
+    finetune_metrics(results, "audioset_20k_audio", 0.40123)
+    finetune_metrics(results, "vggsound_audiovisual", 0.70, metric="accuracy")
+    availability(results, "audioset")
+    out = tmp_path / "tables"
+    assert tables.main(["--results", str(results), "--out-dir", str(out)]) == 0
+
+    frame = pd.read_csv(out / "table1.csv")
+    a = cell(frame, "EquiAV", "AudioSet-20K A")
+    assert a["run"] == "audioset_20k_audio" and a["paper"] == 42.4
+    assert a["ours"] == pytest.approx(40.12) and a["difference"] == pytest.approx(40.123 - 42.4, abs=0.01)
+    assert cell(frame, "EquiAV", "VGGSound A-V")["ours"] == pytest.approx(70.0)
+    assert cell(frame, "EquiAV", "VGGSound A-V")["difference"] == pytest.approx(70.0 - 67.1)
+    assert pd.isna(cell(frame, "EquiAV", "AudioSet-2M A")["ours"])  # no run: empty, not zero
+    reference = cell(frame, "MAViL (Huang et al., 2023)", "AudioSet-20K A")
+    assert reference["kind"] == "reference" and reference["paper"] == 41.8 and pd.isna(reference["ours"])
+    assert pd.isna(cell(frame, "GBlend (Wang et al., 2020)", "VGGSound A")["paper"])  # "-" in the paper
+
+    clips = pd.read_csv(out / "table1_clips.csv")
+    got = clips[(clips["dataset"] == "audioset") & (clips["split"] == "balanced_train")].set_index("what")["clips"]
+    assert got["listed"] == 100 and got["obtained"] == 90
+    used = clips[clips["run"] == "audioset_20k_audio"].set_index("what")["clips"]
+    assert used["train"] == 100 and used["eval"] == 40
+    # vggsound has no availability report: said in the Markdown, not an error
+    md = (out / "table1.md").read_text()
+    assert "42.4 / 40.1 (-2.3)" in md and "No availability report for data set `vggsound`" in md
+    assert "| audioset | balanced_train | 100 | 90 | 90.0 |" in md
+
+
+def test_retrieval_table_and_skipped_tables(tmp_path):
+    results = tmp_path / "results"
+    retrieval_metrics(results, "audioset", 0.31)
+    out = tmp_path / "tables"
+    assert tables.main(["--metrics", str(results / "retrieval/audioset/metrics.json"),
+                        "--availability", "--out-dir", str(out)]) == 0  # fmt: skip
+    frame = pd.read_csv(out / "table3.csv")
+    assert cell(frame, "AudioSet / EquiAV", "V2A R@1")["ours"] == pytest.approx(31.0)
+    assert cell(frame, "AudioSet / EquiAV", "A2V R@1")["ours"] == pytest.approx(15.5)
+    assert cell(frame, "AudioSet / EquiAV", "A2V R@1")["difference"] == pytest.approx(15.5 - 29.6)
+    assert pd.isna(cell(frame, "VGGSound / EquiAV", "V2A R@1")["ours"])
+    assert cell(frame, "MSR-VTT / CAV-MAE", "A2V R@1")["paper"] == 7.6
+    written = {p.name for p in out.iterdir()}
+    assert written == {"tables.md", "table3.csv", "table3_clips.csv", "table3.md"}
+    index = (out / "tables.md").read_text()
+    assert "Table 1: audio-visual event classification, fine-tuning: skipped" in index
+    assert "[Table 3: zero-shot audio-visual retrieval](table3.md)" in index
+
+    # a later call without the run removes the table it no longer fills
+    finetune_metrics(results, "esc50_audio", 0.9, metric="accuracy")
+    assert tables.main(["--results", str(results), "--metrics", str(results / "finetune/esc50_audio/metrics.json"),
+                        "--out-dir", str(out)]) == 0  # fmt: skip
+    assert not (out / "table3.csv").exists() and (out / "table2.csv").exists()
+    assert cell(pd.read_csv(out / "table2.csv"), "EquiAV", "ESC-50")["difference"] == pytest.approx(90.0 - 96.0)
+
+
+def test_demo_table_has_an_empty_paper_column(tmp_path):
+    results = tmp_path / "results"
+    finetune_metrics(results, "demo_audio", 0.75, metric="accuracy")
+    retrieval_metrics(results, "demo", 0.25)
+    out = tmp_path / "tables"
+    assert tables.main(["--results", str(results), "--out-dir", str(out)]) == 0
+    frame = pd.read_csv(out / "demo.csv")
+    assert frame["paper"].isna().all()
+    assert cell(frame, "EquiAV (tiny, demo)", "A accuracy")["ours"] == pytest.approx(75.0)
+    assert pd.isna(cell(frame, "EquiAV (tiny, demo)", "A accuracy")["difference"])
+
+
+def test_errors_name_the_problem(tmp_path, capsys):
+    results = tmp_path / "results"
+    finetune_metrics(results, "audioset_20k_audio", 0.4, metric="accuracy")  # the cell is mAP
+    assert tables.main(["--results", str(results), "--out-dir", str(tmp_path / "t")]) == 2
+    assert "audioset_20k_audio" in capsys.readouterr().err
+    bad = tmp_path / "bad" / "x" / "metrics.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text(json.dumps({"task": "pretrain"}))
+    with pytest.raises(ValueError, match="unknown task"):
+        tables.load_metrics([bad])
+
+
+def test_ablation_tables_read_the_ablation_runs(tmp_path):
+    results = tmp_path / "results"
+    finetune_metrics(results, "ablation_baseline_audiovisual", 0.45)
+    retrieval_metrics(results, "ablation_centroid_4", 0.28)
+    out = tmp_path / "tables"
+    written = tables.write_tables(tables.load_metrics(sorted(results.glob("*/*/metrics.json"))), {}, out)
+    assert {k for k, r in written.items() if r is not None} == {"table4", "table5", "table6", "table7", "table8"}
+    t5 = pd.read_csv(out / "table5.csv")
+    assert cell(t5, "S = 4", "V2A R@1")["ours"] == pytest.approx(28.0)
+    assert cell(t5, "S = 16", "A-V mAP")["ours"] == pytest.approx(45.0)
+    assert cell(t5, "S = 16", "A-V mAP")["difference"] == pytest.approx(45.0 - 46.6)
+    t8 = pd.read_csv(out / "table8.csv")
+    assert t8["paper"].isna().all()  # not in the paper text: empty, never invented
+    t6 = pd.read_csv(out / "table6.csv")
+    assert cell(t6, "Linear (EquiMod)", "Similarity A")["paper"] == 0.85
+    assert pd.isna(cell(t6, "Linear (EquiMod)", "Similarity A")["run"])  # not measured
+
+
+def test_paper_numbers_match_the_spec():
+    """method.md section 9 against the EquiAV rows."""
+    assert paper_numbers.OURS["table1"]["EquiAV"] == (42.4, 25.7, 46.6, 49.1, 30.1, 54.6, 61.0, 50.7, 67.1)
+    assert paper_numbers.OURS["table2"]["EquiAV"] == (96.0, 97.8)
+    assert paper_numbers.OURS["table3"]["VGGSound / EquiAV"] == (28.5, 51.5, 61.7, 28.4, 51.8, 62.3)
+
+
+def ablation_runs() -> set[str]:
+    return {variant for _, _, variant, _ in tables.ABLATION_VARIANTS}
+
+
+def test_ablation_preset_plans_every_run_tables_4_to_8_need(tmp_path):
+    """13 variants (the baseline shared): 13 pre-trainings, fine-tunings and retrievals, no more."""
+    assert len(ablation_runs()) == 13
+    snakefile = REPO / "Snakefile"
+    if "tables.smk" not in snakefile.read_text():  # until the Snakefile includes the rule
+        snakefile = tmp_path / "Snakefile"
+        snakefile.write_text(f'include: "{REPO / "Snakefile"}"\ninclude: "{REPO / "workflow/rules/tables.smk"}"\n')
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [
+        sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "-n", "-p",
+        "--configfile", str(PRESETS / "audioset_20k.yaml"), str(PRESETS / "ablation.yaml"),
+        "--config", f"results_dir={tmp_path}/results", f"data_dir={tmp_path}/data",
+        "--", "all", f"{tmp_path}/results/tables/tables.md",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    counts = {line.split()[0]: int(line.split()[1]) for line in out.splitlines() if re.fullmatch(r"\w+\s+\d+", line)}
+    assert counts["pretrain"] == 13 and counts["finetune"] == 13 and counts["retrieval"] == 13
+    assert counts["tables"] == 1
+    planned = set(re.findall(r"results/pretrain/(\w+)/model\.pt", out))
+    assert planned == {f"ablation_{v}" for v in ablation_runs()}
+    needed = {run for key in ("table4", "table5", "table6", "table7", "table8")
+              for task, run in next(t for t in tables.TABLES if t.key == key).runs()
+              if run.endswith("_audiovisual") or task == "retrieval"}  # fmt: skip
+    assert set(re.findall(r"results/(?:finetune|retrieval)/(\w+)/metrics\.json", out)) == needed
+    for key in ("table4", "table8"):
+        assert f"results/tables/{key}.md" in out
+    assert "results/tables/table1.md" not in out
