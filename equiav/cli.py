@@ -207,13 +207,16 @@ def _summary(args: argparse.Namespace) -> None:
     print(text)
 
 
-# Stages with their own `main(argv)` (training, evaluation): `equiav NAME ...` passes the rest
-# of the command line through, so `equiav NAME --help` shows the stage's own options.
+# Stages with their own `main(argv)` (training, evaluation, embedding; "module:function" names
+# another entry point): `equiav NAME ...` passes the rest of the command line through, so
+# `equiav NAME --help` shows the stage's own options.
 DELEGATED = {
     "pretrain": ("equiav.train.pretrain", "pre-train EquiAV on HDF5 features (resumes from its work dir)"),
     "finetune": ("equiav.train.finetune", "fine-tune a pre-trained model and write its metrics"),
     "retrieval": ("equiav.eval.retrieval", "zero-shot audio-visual retrieval metrics of a pre-trained model"),
     "tables": ("equiav.eval.tables", "the paper's tables: our numbers beside the paper's"),
+    "embed": ("equiav.embed:main_embed", "write audio and visual embeddings of video files (.npz)"),
+    "retrieve": ("equiav.embed:main_retrieve", "rank a folder of clips by a query clip across modalities"),
 }
 
 
@@ -235,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in DELEGATED:
         import importlib
 
-        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:]) or 0
+        module, _, function = DELEGATED[argv[0]][0].partition(":")
+        return getattr(importlib.import_module(module), function or "main")(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

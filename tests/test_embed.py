@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import make_clip
 
-from equiav.data.demo import DemoSettings, _make_clip, generate_demo
+from equiav.data.demo import DemoSettings, make_demo_clip, generate_demo
 from equiav.data.features import FeatureSettings, extract_shard
 from equiav.data.store import compute_norm_stats
 from equiav.embed import (
@@ -219,8 +219,8 @@ def test_embed_pairs_sound_and_picture_after_demo_training(demo_checkpoint: Path
     signatures not in the training set) ranks each clip's own picture first for its audio."""
     folder = tmp_path / "fresh"
     folder.mkdir()
-    _make_clip(folder / "clip-a.mp4", 0, 0.37, DEMO)
-    _make_clip(folder / "clip-b.mp4", 1, 0.81, DEMO)
+    make_demo_clip(folder / "clip-a.mp4", 0, 0.37, DEMO)
+    make_demo_clip(folder / "clip-b.mp4", 1, 0.81, DEMO)
     out = tmp_path / "fresh.npz"
     assert main_embed([str(folder), "--checkpoint", str(demo_checkpoint), "--out", str(out)]) == 0
     emb = load_embeddings(out)

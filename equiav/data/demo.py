@@ -54,7 +54,7 @@ class DemoSettings:
         return cls(**{**demo, "segment": tuple(demo.get("segment", cls.segment))})
 
 
-def _make_clip(path: Path, cls: int, signature: float, s: DemoSettings, *, with_audio: bool = True) -> None:
+def make_demo_clip(path: Path, cls: int, signature: float, s: DemoSettings, *, with_audio: bool = True) -> None:
     """One clip: class tone + instance tone (1.5-3.5 kHz) and class colour + a bar at the matching x."""
     instance_hz = 1500 + 2000 * signature
     bar_w = max(4, s.width // 10)
@@ -108,7 +108,7 @@ def generate_demo(out_dir: str | Path, settings: DemoSettings) -> pd.DataFrame:
         path = media / f"{clip_id}.mp4"
         if with_audio is not None and not path.exists():
             tmp = path.with_name(f".{path.stem}.tmp.mp4")
-            _make_clip(tmp, cls, signature, settings, with_audio=with_audio)
+            make_demo_clip(tmp, cls, signature, settings, with_audio=with_audio)
             os.replace(tmp, path)
         records.append(
             {
@@ -121,6 +121,7 @@ def generate_demo(out_dir: str | Path, settings: DemoSettings) -> pd.DataFrame:
             }
         )
     table = pd.DataFrame.from_records(records)
-    table.to_csv(out_dir / "list.csv", index=False)
+    table.to_csv(out_dir / "list.csv.tmp", index=False)
+    os.replace(out_dir / "list.csv.tmp", out_dir / "list.csv")  # the rule's output appears complete or not at all
     log.info("demo: %d clips (%d classes) in %s", len(table), settings.classes, media)
     return table

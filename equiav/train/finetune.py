@@ -37,6 +37,7 @@ from equiav.data.store import FeatureDataset
 from equiav.eval.metrics import mean_average_precision, top1_accuracy
 from equiav.model import EquiAVClassifier, ModelConfig
 from equiav.model.finetune import FINETUNE_MODALITIES
+from equiav.data.inputs import read_norm_stats, read_usable
 from equiav.train.checkpoint import Checkpointer, code_revision, load_weights
 from equiav.train.common import (
     PRECISIONS,
@@ -308,17 +309,12 @@ class DatasetInputs:
     def load(
         cls, usable: str | os.PathLike[str], classes: str | os.PathLike[str], norm_stats: str | os.PathLike[str]
     ) -> DatasetInputs:
-        table = pd.read_csv(usable, dtype=str, keep_default_na=False)
-        missing = {"clip_id", "split", "labels", "h5"} - set(table.columns)
-        if missing:
-            raise ValueError(f"{usable} lacks column(s) {sorted(missing)}; is it the availability stage's usable.csv?")
+        table = read_usable(usable)
         class_table = pd.read_csv(classes, dtype={"id": str}, keep_default_na=False)
         if not {"index", "id"} <= set(class_table.columns):
             raise ValueError(f"{classes} must have columns index, id (the manifest stage's classes.csv)")
         class_ids = class_table.sort_values("index")["id"].tolist()
-        stats = json.loads(Path(norm_stats).read_text())
-        if "mean" not in stats or "std" not in stats:
-            raise ValueError(f"{norm_stats} must hold 'mean' and 'std' (the norm-stats stage's output)")
+        stats = read_norm_stats(norm_stats)
         return cls(table, class_ids, float(stats["mean"]), float(stats["std"]))
 
     def shards(self, splits: Sequence[str] | None = None) -> list[str]:

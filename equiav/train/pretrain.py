@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -40,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from equiav.data.store import FeatureDataset, read_index
 from equiav.losses import EquiAVLoss
 from equiav.model import EquiAV, ModelConfig, load_mae_weights
+from equiav.data.inputs import read_norm_stats, read_usable
 from equiav.train.checkpoint import (
     Checkpointer,
     capture_rng_state,
@@ -250,28 +250,6 @@ def _read_settings(value: str) -> PretrainSettings:
     return PretrainSettings.from_dict(json.loads(text))
 
 
-def _read_usable(path: Path, splits: Sequence[str]) -> pd.DataFrame:
-    usable = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = {"clip_id", "split", "labels", "h5"} - set(usable.columns)
-    if missing:
-        raise ValueError(f"{path} lacks the column(s) {sorted(missing)}; give the usable.csv of the availability stage")
-    rows = usable[usable["split"].isin(list(splits))]
-    if rows.empty:
-        raise ValueError(
-            f"{path} has no clip in splits {list(splits)}; its splits are {sorted(set(usable['split']))}: "
-            "set `splits` in the pre-training settings"
-        )
-    return rows
-
-
-def _read_norm(path: Path) -> dict[str, Any]:
-    stats = json.loads(path.read_text())
-    for key in ("mean", "std"):
-        if not isinstance(stats.get(key), (int, float)):
-            raise ValueError(f"{path} needs a number under {key!r} (the norm_stats.json of the data stage)")
-    return stats
-
-
 def _check_shapes(features: FeatureDataset, config: ModelConfig) -> None:
     """The stored features must be the model's input size (the clean view is not resized)."""
     attrs = features.shard_attrs
@@ -461,8 +439,8 @@ class Pretrainer:
         self.precision = resolve_precision(settings.precision, device)
         self.model_config = config = settings.model_config()
 
-        rows = _read_usable(usable, settings.splits)
-        self.norm = _read_norm(norm_stats)
+        rows = read_usable(usable, settings.splits)
+        self.norm = read_norm_stats(norm_stats)
         clip_ids = sorted(rows["clip_id"])
         shards = sorted(set(rows["h5"]))
         features = FeatureDataset(
