@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from equiav.settings import reject_unknown_keys
+
 __all__ = [
     "INTER_SOURCES",
     "INTRA_MODES",
@@ -195,12 +197,7 @@ class ModelConfig:
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error (a typo must not silently
         fall back to a default size)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown ModelConfig key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(sorted(known))}"
-            )
+        reject_unknown_keys(cls, values, "ModelConfig key(s)")
         return cls(**values)
 
     def replace(self, **changes: Any) -> ModelConfig:

@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from equiav.settings import reject_unknown_keys
 from equiav.augment import normalize_image
 from equiav.data.store import FeatureDataset
 from equiav.eval.metrics import mean_average_precision, top1_accuracy
@@ -235,13 +236,7 @@ class FinetuneSettings:
         recipe = values.pop("recipe", None)
         if recipe is not None:
             return cls.recipe(recipe, **values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown FinetuneSettings key(s) {', '.join(map(repr, unknown))}; "
-                f"known keys: recipe, {', '.join(sorted(known))}"
-            )
+        reject_unknown_keys(cls, values, "FinetuneSettings key(s)", also=("recipe",))
         for name in ("train_splits", "eval_splits", "folds", "betas"):
             if name in values:
                 value = values[name]

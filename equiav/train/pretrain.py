@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from equiav.settings import reject_unknown_keys
 from equiav.data.store import FeatureDataset, read_index
 from equiav.losses import EquiAVLoss
 from equiav.model import EquiAV, ModelConfig, load_mae_weights
@@ -214,12 +215,7 @@ class PretrainSettings:
     def from_dict(cls, values: Mapping[str, Any]) -> PretrainSettings:
         """Settings from a (JSON) mapping; missing keys take their defaults, unknown keys are an
         error (a typo must not silently train with a default)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown pre-training setting(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}"
-            )
+        reject_unknown_keys(cls, values, "pre-training setting(s)")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -232,10 +228,7 @@ class PretrainSettings:
         preset = overrides.pop("preset", "vit_base")
         if preset not in MODEL_PRESETS:
             raise ValueError(f"model preset {preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown model setting(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
+        reject_unknown_keys(ModelConfig, overrides, "model setting(s)")
         return MODEL_PRESETS[preset](**overrides)
 
 
