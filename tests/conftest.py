@@ -102,3 +102,14 @@ def _read_frame_number(jpeg: bytes) -> int:
 def frame_number() -> Callable[[bytes], int]:
     """Reads the frame number back from a JPEG of a numbered_clip frame."""
     return _read_frame_number
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small demo DAG (tests/workflow_runner.py) run locally into a temporary folder, config at small.yaml."""
+    from workflow_runner import REPO, small_demo_config, snakemake
+
+    work = tmp_path_factory.mktemp("demo")
+    config = small_demo_config(work)
+    snakemake("--profile", str(REPO / "workflow/profiles/default"), "--cores", "2", "--configfile", str(config))
+    return work

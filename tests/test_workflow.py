@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -17,19 +14,10 @@ import yaml
 
 from equiav.data import status as st
 from equiav.data import synthetic
+from workflow_runner import REPO, snakemake
 
-REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "workflow" / "presets"
 LISTS = Path(__file__).parent / "data" / "lists"
-
-
-def snakemake(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
 
 
 def test_lint_is_clean():
@@ -46,31 +34,6 @@ def test_bad_config_stops_before_any_job(tmp_path):
     output = proc.stdout + proc.stderr
     assert "datasets.demo.shard_size" in output and "minimum of 1" in output
     assert "'wokers'" in output and "workers" in output  # the unknown key and the allowed ones
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
-    """The demo DAG (smaller than the shipped one) run into a temporary folder."""
-    work = tmp_path_factory.mktemp("demo")
-    override = work / "small.yaml"
-    override.write_text(
-        yaml.safe_dump(
-            {
-                "results_dir": str(work / "results"),
-                "data_dir": str(work / "data"),
-                "demo": {"classes": 3, "train_per_class": 4, "test_per_class": 2},
-                "datasets": {"demo": {"shard_size": 8}},
-                # Enough steps to exercise every stage, not to learn (the shipped demo does that).
-                "pretrain": {"demo": {"settings": {"epochs": 2, "batch_size": 4, "warmup_epochs": 1}}},
-                "finetune": {
-                    run: {"settings": {"epochs": 1, "batch_size": 4}}
-                    for run in ("demo_audio", "demo_visual", "demo_audiovisual")
-                },
-            }
-        )
-    )
-    snakemake("--profile", str(REPO / "workflow/profiles/default"), "--cores", "2", "--configfile", str(override))
-    return work
 
 
 def test_demo_every_clip_has_one_status_and_the_report_agrees(demo_run):
