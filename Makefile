@@ -19,7 +19,9 @@ $(INSTALLED): pyproject.toml
 
 demo: $(INSTALLED)
 	$(RUN) snakemake --profile workflow/profiles/default $(ARGS)
+	$(RUN) snakemake --report results/report.html $(ARGS)
 	@cat results/summary.md
+	@echo "The report: results/report.html"
 
 test: $(INSTALLED)
 	$(RUN) python -m pytest $(PYTEST_ARGS)

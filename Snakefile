@@ -10,6 +10,11 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+# `snakemake --report report.html` after a run: the tables, the data obtained, the curves and
+# pictures (workflow/rules/report.smk), with this description on its front page.
+report: "workflow/report/workflow.rst"
+
+
 # The jobs find `python -m equiav` through PATH (see workflow/rules/common.smk).
 envvars:
     "PATH",
@@ -27,9 +32,11 @@ include: "workflow/rules/features.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/tables.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     input:
         all_targets(),
+        report_targets(),
     default_target: True

@@ -211,12 +211,14 @@ def _summary(args: argparse.Namespace) -> None:
 # another entry point): `equiav NAME ...` passes the rest of the command line through, so
 # `equiav NAME --help` shows the stage's own options.
 DELEGATED = {
+    "launch": ("equiav.launch", "run a training command on the job's GPUs and nodes (torchrun, srun)"),
     "pretrain": ("equiav.train.pretrain", "pre-train EquiAV on HDF5 features (resumes from its work dir)"),
     "finetune": ("equiav.train.finetune", "fine-tune a pre-trained model and write its metrics"),
     "retrieval": ("equiav.eval.retrieval", "zero-shot audio-visual retrieval metrics of a pre-trained model"),
     "tables": ("equiav.eval.tables", "the paper's tables: our numbers beside the paper's"),
     "embed": ("equiav.embed:main_embed", "write audio and visual embeddings of video files (.npz)"),
     "retrieve": ("equiav.embed:main_retrieve", "rank a folder of clips by a query clip across modalities"),
+    "report": ("equiav.eval.report", "pages and pictures for `snakemake --report`: curves, examples, Figure 3"),
 }
 
 

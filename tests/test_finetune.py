@@ -522,3 +522,14 @@ def test_gather_refuses_a_missing_clip() -> None:
         torch.arange(4.0)[:, None], torch.zeros(4, 1), torch.tensor([2, 0, 1, 0]), expected=3
     )
     assert scores.squeeze(1).tolist() == [1.0, 2.0, 0.0]  # sorted by index, the duplicate dropped
+
+
+def test_the_pretrained_identity_is_the_weights_not_the_file():
+    from equiav.train.finetune import weights_digest
+
+    weights = {"model": {"a": torch.ones(2, 3), "b": torch.zeros(4, dtype=torch.int64)}, "model_config": {"x": 1}}
+    same = {**weights, "code_revision": "another", "steps": 7}  # what a re-export may change
+    assert weights_digest(same) == weights_digest(weights)
+    changed = {**weights, "model": {**weights["model"], "a": torch.ones(2, 3) * 1.0001}}
+    assert weights_digest(changed) != weights_digest(weights)
+    assert weights_digest({**weights, "model_config": {"x": 2}}) != weights_digest(weights)

@@ -108,6 +108,29 @@ def test_main_on_the_per_class_subset(data: EvalData, tmp_path: Path) -> None:
         assert again[direction] == pytest.approx(metrics[direction])
 
 
+def test_matches_agree_with_the_metrics(data: EvalData, tmp_path: Path) -> None:
+    matches_csv = tmp_path / "matches.csv"
+    metrics, ids = run_main(
+        data, tmp_path, "--split", "train", "--per-class", "0", "--matches-out", str(matches_csv),
+        "--matches-per-query", "3",
+    )  # fmt: skip
+    matches = pd.read_csv(matches_csv, dtype={"query_id": str, "match_id": str})
+    assert list(matches.columns) == rt.MATCH_COLUMNS
+    for direction in ("v2a", "a2v"):
+        rows = matches[matches["direction"] == direction]
+        assert len(rows) == 3 * len(ids) and set(rows["query_id"]) == set(ids)
+        for query, best in rows.groupby("query_id"):
+            assert best["rank"].tolist() == [1, 2, 3]
+            assert best["similarity"].is_monotonic_decreasing
+            true_rank = best["true_rank"].iloc[0]
+            # The true key is listed exactly at its rank when that rank is within the list.
+            listed = best.loc[best["match_id"] == query, "rank"].tolist()
+            assert listed == ([true_rank] if true_rank <= 3 else [])
+        per_query = rows.drop_duplicates("query_id")["true_rank"]
+        assert (per_query <= 1).mean() == pytest.approx(metrics[direction]["R@1"])
+        assert per_query.median() == pytest.approx(metrics[direction]["median_rank"])
+
+
 def test_all_clips_of_a_split(data: EvalData, tmp_path: Path) -> None:
     metrics, ids = run_main(data, tmp_path, "--split", "train", "--per-class", "0")
     assert metrics["clips"] == 18 and len(ids) == 18 and ids == sorted(ids)

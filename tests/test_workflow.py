@@ -146,4 +146,4 @@ def test_paper_preset_plans_every_run(tmp_path):
     assert counts["pretrain"] == 1 and counts["finetune"] == 11 and counts["retrieval"] == 2
     pretrain_job = out[out.index("rule pretrain:") :].split("\n\n")[0]
     assert "gpu=8" in pretrain_job
-    assert "torchrun --standalone --nproc_per_node 8 -m equiav pretrain" in out
+    assert "python -m equiav launch --gpus 8 --nodes 1 -- pretrain" in out

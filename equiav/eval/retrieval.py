@@ -8,7 +8,8 @@ query's true key is the same clip's audio (V2A) and vice versa (A2V); ranks are 
 
 The clips: ``--per-class`` clips per class from ``--split``, chosen deterministically (below),
 or the clip ids of a user list (``--ids``, e.g. MSR-VTT's test set). The ids used are written to
-``--ids-out`` so that anyone can repeat the evaluation on exactly those clips.
+``--ids-out`` so that anyone can repeat the evaluation on exactly those clips. ``--matches-out``
+lists each query's best keys (the report's retrieval examples are drawn from it).
 """
 
 from __future__ import annotations
@@ -39,16 +40,20 @@ __all__ = [
     "draw_centroid_params",
     "embed_clips",
     "main",
+    "MATCH_COLUMNS",
     "read_id_list",
     "retrieval",
     "select_per_class",
     "stable_key",
+    "top_matches",
 ]
 
 log = logging.getLogger(__name__)
 
 # Queries per similarity matrix product: [4096, N] floats at a time.
 SIMILARITY_CHUNK = 4096
+# One row per (direction, query, match) of matches.csv; rank 1 is the best key.
+MATCH_COLUMNS = ["direction", "query_id", "true_rank", "rank", "match_id", "similarity"]
 
 
 def stable_key(clip_id: str, seed: int) -> int:
@@ -170,6 +175,33 @@ def _direction_metrics(queries: Tensor, keys: Tensor) -> dict[str, float]:
     return rank_metrics(chunked_similarity_ranks(queries, keys, chunk=SIMILARITY_CHUNK))
 
 
+def top_matches(direction: str, queries: Tensor, keys: Tensor, ids: Sequence[str], k: int) -> pd.DataFrame:
+    """The ``k`` most similar keys of every query (MATCH_COLUMNS), query i's true key being key i.
+
+    ``queries`` and ``keys`` are L2-normalised [N, E] in the order of ``ids``; ``true_rank`` is the
+    query's pessimistic rank of its true key, as in the metrics.
+    """
+    k = min(k, keys.shape[0])
+    true_ranks = chunked_similarity_ranks(queries, keys, chunk=SIMILARITY_CHUNK).tolist()
+    frames = []
+    for start in range(0, queries.shape[0], SIMILARITY_CHUNK):
+        scores, best = (queries[start : start + SIMILARITY_CHUNK] @ keys.T).topk(k, dim=1)
+        n = best.shape[0]
+        frames.append(
+            pd.DataFrame(
+                {
+                    "direction": direction,
+                    "query_id": [ids[start + q] for q in range(n) for _ in range(k)],
+                    "true_rank": [true_ranks[start + q] for q in range(n) for _ in range(k)],
+                    "rank": list(range(1, k + 1)) * n,
+                    "match_id": [ids[j] for j in best.flatten().tolist()],
+                    "similarity": scores.flatten().tolist(),
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)[MATCH_COLUMNS]
+
+
 def _choose_clips(
     inputs: DatasetInputs, *, split: str | None, ids_file: str | None, per_class: int, seed: int
 ) -> tuple[list[str], int]:
@@ -214,8 +246,12 @@ def retrieval(
     batch_size: int = 64,
     num_workers: int = 0,
     device: torch.device | None = None,
-) -> tuple[dict[str, Any], list[str]]:
-    """Zero-shot V2A and A2V retrieval of a pre-trained model; returns (metrics, clip ids used)."""
+    matches_per_query: int = 5,
+) -> tuple[dict[str, Any], list[str], pd.DataFrame]:
+    """Zero-shot V2A and A2V retrieval of a pre-trained model.
+
+    Returns (metrics, clip ids used, the ``matches_per_query`` best keys of every query).
+    """
     if samples < 1 or batch_size < 1:
         raise ValueError(f"samples and batch_size must be >= 1, got {samples} and {batch_size}")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -261,7 +297,14 @@ def retrieval(
         "a2v": _direction_metrics(audio, visual),
         "pretrained": str(pretrained),
     }
-    return metrics, ids
+    matches = pd.concat(
+        [
+            top_matches("v2a", visual, audio, ids, matches_per_query),
+            top_matches("a2v", audio, visual, ids, matches_per_query),
+        ],
+        ignore_index=True,
+    )
+    return metrics, ids, matches
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--out", required=True, help="where metrics.json goes")
     p.add_argument("--ids-out", required=True, help="where the clip ids used go, one per line")
+    p.add_argument("--matches-out", help="where each query's best keys go (CSV: %s)" % ", ".join(MATCH_COLUMNS))
+    p.add_argument("--matches-per-query", type=int, default=5, help="keys listed per query in --matches-out")
     return p
 
 
@@ -290,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.ids is None and args.split is None:
         raise SystemExit("give --split (the per-class subset is drawn from it) or --ids (a list of clip ids)")
     inputs = DatasetInputs.load(args.usable, args.classes, args.norm_stats)
-    metrics, ids = retrieval(
+    metrics, ids, matches = retrieval(
         args.pretrained,
         inputs,
         split=args.split,
@@ -301,7 +346,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         device=torch.device(args.device) if args.device else None,
+        matches_per_query=args.matches_per_query,
     )
+    if args.matches_out:
+        Path(args.matches_out).parent.mkdir(parents=True, exist_ok=True)
+        matches.to_csv(args.matches_out, index=False)
     ids_out, out = Path(args.ids_out), Path(args.out)
     ids_out.parent.mkdir(parents=True, exist_ok=True)
     ids_out.write_text("\n".join(ids) + "\n")

@@ -592,11 +592,18 @@ def _multi_hot(labels: Sequence[Sequence[int]], num_classes: int) -> Tensor:
     return out
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
+def weights_digest(pretrained: Mapping[str, Any]) -> str:
+    """SHA-256 of a pre-trained model's config and tensors, in key order.
+
+    The weights, not the file: a re-export of the same weights (another code revision or
+    settings note in the file) is the same model, so a fine-tuning run on it still resumes.
+    """
+    digest = hashlib.sha256(json.dumps(pretrained["model_config"], sort_keys=True).encode())
+    for key, tensor in sorted(pretrained["model"].items()):
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -919,7 +926,7 @@ def finetune(
         )
     identity = {
         **{k: v for k, v in settings.to_dict().items() if k not in _RUNTIME_FIELDS},
-        "pretrained_sha256": _file_digest(path),
+        "pretrained_sha256": weights_digest(pretrained),
         "max_steps": max_steps,
     }
     results: dict[str, dict[str, Any]] = {}

@@ -11,6 +11,7 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get(
 
 RESULTS = config["results_dir"]
 DATA = config["data_dir"]
+REPORT = f"{RESULTS}/report"  # the report's pages and pictures (report.smk)
 
 GENERATED = [name for name, d in config["datasets"].items() if d.get("generate") == "demo"]
 ARCHIVED = [name for name, d in config["datasets"].items() if "archive" in d]
@@ -130,11 +131,9 @@ def finetune_settings(run):
 
 
 def launcher(resources):
-    """The command that starts a training job: one process, or torchrun with one per GPU."""
-    gpus = resources.get("gpus", 0)
-    if gpus <= 1:
-        return "python -m equiav"
-    return f"torchrun --standalone --nproc_per_node {gpus} -m equiav"
+    """`equiav launch` for a training job: one process, torchrun with one per GPU, or one
+    torchrun per node under SLURM (equiav/launch.py)."""
+    return f"python -m equiav launch --gpus {resources['gpus']} --nodes {resources['nodes']} --"
 
 
 def all_targets():
@@ -150,4 +149,18 @@ def all_targets():
     if FINETUNE or RETRIEVAL:
         targets.append(f"{RESULTS}/summary.md")
         targets.append(f"{RESULTS}/tables/tables.md")
+    return targets
+
+
+def report_targets():
+    """Every page and picture of the report, so that a run makes them before `--report`
+    (TABLE_KEYS: tables.smk)."""
+    targets = [f"{REPORT}/availability/{name}.html" for name in config["run"]]
+    targets += [f"{REPORT}/tables/{key}.html" for key in TABLE_KEYS]
+    targets += [f"{REPORT}/pretrain/{run}.png" for run in PRETRAIN]
+    if FINETUNE:
+        targets.append(f"{REPORT}/finetune_curves.png")
+    for run in RETRIEVAL:
+        targets += [f"{REPORT}/retrieval/{run}_{d}.png" for d in ("v2a", "a2v")]
+        targets.append(f"{REPORT}/qualitative/{run}.png")
     return targets

@@ -21,6 +21,7 @@ rule finetune:
     threads: lambda w: max(1, FINETUNE[w.run]["resources"]["gpus"]) * FINETUNE[w.run]["resources"]["cpus_per_gpu"]
     resources:
         gpu=lambda w: FINETUNE[w.run]["resources"]["gpus"],
+        nodes=lambda w: FINETUNE[w.run]["resources"]["nodes"],
         runtime=lambda w: FINETUNE[w.run]["resources"]["runtime"],
     wildcard_constraints:
         run=one_of(FINETUNE),
@@ -38,6 +39,7 @@ rule retrieval:
     output:
         metrics=f"{RESULTS}/retrieval/{{run}}/metrics.json",
         ids=f"{RESULTS}/retrieval/{{run}}/ids.txt",
+        matches=f"{RESULTS}/retrieval/{{run}}/matches.csv",
     log:
         f"{RESULTS}/retrieval/{{run}}/retrieval.log",
     conda:
@@ -53,7 +55,8 @@ rule retrieval:
         "python -m equiav retrieval --pretrained {input.pretrained} --usable {input.usable}"
         " --norm-stats {input.norm} --classes {input.classes} --split {params.run[split]}"
         " --per-class {params.run[per_class]} {params.ids} --seed {params.run[seed]}"
-        " --samples {params.run[samples]} --out {output.metrics} --ids-out {output.ids} 2> {log}"
+        " --samples {params.run[samples]} --out {output.metrics} --ids-out {output.ids}"
+        " --matches-out {output.matches} 2> {log}"
 
 
 rule summary:

@@ -8,7 +8,9 @@ rule pretrain:
         unpack(lambda w: dataset_inputs(PRETRAIN[w.run]["dataset"])),
         h5=per_shard(f"{DATA}/{{dataset}}/features/{{shard}}.h5", lambda w: PRETRAIN[w.run]["dataset"]),
     output:
-        f"{RESULTS}/pretrain/{{run}}/model.pt",
+        model=f"{RESULTS}/pretrain/{{run}}/model.pt",
+        # The whole run's per-step metrics (resumed parts included), for the report's curves.
+        history=f"{RESULTS}/pretrain/{{run}}/metrics.csv",
     log:
         f"{RESULTS}/pretrain/{{run}}/pretrain.log",
     benchmark:
@@ -28,4 +30,5 @@ rule pretrain:
         run=one_of(PRETRAIN),
     shell:
         "{params.launch} pretrain --settings {params.settings:q} --usable {input.usable}"
-        " --norm-stats {input.norm} --out {output} --work-dir {params.work_dir} 2> {log}"
+        " --norm-stats {input.norm} --out {output.model} --work-dir {params.work_dir} 2> {log}"
+        " && cp {params.work_dir}/metrics.csv {output.history}"
