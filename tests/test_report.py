@@ -15,6 +15,7 @@ import torch
 from workflow_runner import snakemake
 
 from equiav.augment import VisualAugment, VisualAugmentConfig, normalize_image
+from equiav.eval import paper_numbers
 from equiav.eval import report as rp
 from equiav.model import EquiAV, ModelConfig
 
@@ -135,7 +136,7 @@ def test_the_demo_report_renders_its_tables_and_pictures(demo_run, demo_report, 
     pictures = [p for p in paths if p.endswith(".png")]
     pages = [p for p in paths if p.endswith(".html")]
     assert len(pictures) == 1 + 1 + 2 + 1  # pre-training curves, fine-tuning curves, v2a + a2v, qualitative
-    assert len(pages) == 2  # the demo table, the availability report
+    assert len(pages) == 3 + 1 + 1  # Tables 1-3, the demo table, the availability report
 
     for path in pictures:
         _show(browser, path)
@@ -156,6 +157,11 @@ def test_the_demo_report_renders_its_tables_and_pictures(demo_run, demo_report, 
             status = pd.read_csv(results / "demo" / "status.csv")
             listed = (status["split"] == "test").sum()
             assert f"test {listed} " in text  # the split's row: split, clips listed, ...
+        elif "table" in Path(path).stem:
+            # The main tables have the paper's numbers, and no run of ours in the demo.
+            row, values = next(iter(paper_numbers.OURS[Path(path).stem].items()))
+            first = next(v for v in values if v is not None)
+            assert f"{row} {first:.1f} / –" in text
         else:
             # Each of our numbers in the table is the metric file's, in percent.
             for modality in ("audio", "visual", "audiovisual"):

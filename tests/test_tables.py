@@ -94,17 +94,22 @@ def test_retrieval_table_and_skipped_tables(tmp_path):
     assert cell(frame, "AudioSet / EquiAV", "A2V R@1")["difference"] == pytest.approx(15.5 - 29.6)
     assert pd.isna(cell(frame, "VGGSound / EquiAV", "V2A R@1")["ours"])
     assert cell(frame, "MSR-VTT / CAV-MAE", "A2V R@1")["paper"] == 7.6
+    # The main tables are always written; another table only when one of its runs ran.
     written = {p.name for p in out.iterdir()}
-    assert written == {"tables.md", "table3.csv", "table3_clips.csv", "table3.md"}
+    assert written == {"tables.md"} | {f"{key}{end}" for key in tables.MAIN_TABLES
+                                       for end in (".csv", "_clips.csv", ".md")}  # fmt: skip
+    table1 = pd.read_csv(out / "table1.csv")
+    assert table1["ours"].isna().all() and table1["paper"].notna().any()
+    assert "Runs without a metrics file" in (out / "table1.md").read_text()
     index = (out / "tables.md").read_text()
-    assert "Table 1: audio-visual event classification, fine-tuning: skipped" in index
+    assert "Table 4" in index and "skipped" in index
     assert "[Table 3: zero-shot audio-visual retrieval](table3.md)" in index
 
-    # a later call without the run removes the table it no longer fills
+    # a later call without the run empties the cells it no longer fills
     finetune_metrics(results, "esc50_audio", 0.9, metric="accuracy")
     assert tables.main(["--results", str(results), "--metrics", str(results / "finetune/esc50_audio/metrics.json"),
                         "--out-dir", str(out)]) == 0  # fmt: skip
-    assert not (out / "table3.csv").exists() and (out / "table2.csv").exists()
+    assert pd.read_csv(out / "table3.csv")["ours"].isna().all()
     assert cell(pd.read_csv(out / "table2.csv"), "EquiAV", "ESC-50")["difference"] == pytest.approx(90.0 - 96.0)
 
 
@@ -138,7 +143,8 @@ def test_ablation_tables_read_the_ablation_runs(tmp_path):
     retrieval_metrics(results, "ablation_centroid_4", 0.28)
     out = tmp_path / "tables"
     written = tables.write_tables(tables.load_metrics(sorted(results.glob("*/*/metrics.json"))), {}, out)
-    assert {k for k, r in written.items() if r is not None} == {"table4", "table5", "table6", "table7", "table8"}
+    assert {k for k, r in written.items() if r is not None} == {"table4", "table5", "table6", "table7", "table8",
+                                                                *tables.MAIN_TABLES}  # fmt: skip
     t5 = pd.read_csv(out / "table5.csv")
     assert cell(t5, "S = 4", "V2A R@1")["ours"] == pytest.approx(28.0)
     assert cell(t5, "S = 16", "A-V mAP")["ours"] == pytest.approx(45.0)
@@ -187,6 +193,6 @@ def test_ablation_preset_plans_every_run_tables_4_to_8_need(tmp_path):
               for task, run in next(t for t in tables.TABLES if t.key == key).runs()
               if run.endswith("_audiovisual") or task == "retrieval"}  # fmt: skip
     assert set(re.findall(r"results/(?:finetune|retrieval)/(\w+)/metrics\.json", out)) == needed
-    for key in ("table4", "table8"):
+    for key in ("table1", "table4", "table8"):
         assert f"results/tables/{key}.md" in out
-    assert "results/tables/table1.md" not in out
+    assert "results/tables/demo.md" not in out
