@@ -20,13 +20,16 @@ rule finetune:
         launch=lambda w: launcher(FINETUNE[w.run]["resources"]),
     threads: lambda w: max(1, FINETUNE[w.run]["resources"]["gpus"]) * FINETUNE[w.run]["resources"]["cpus_per_gpu"]
     resources:
-        gpu=lambda w: FINETUNE[w.run]["resources"]["gpus"],
+        # The job's total (SLURM's --gpus); `gpus` in the config counts per node.
+        gpu=lambda w: FINETUNE[w.run]["resources"]["gpus"] * FINETUNE[w.run]["resources"]["nodes"],
         nodes=lambda w: FINETUNE[w.run]["resources"]["nodes"],
         runtime=lambda w: FINETUNE[w.run]["resources"]["runtime"],
     wildcard_constraints:
         run=one_of(FINETUNE),
     shell:
-        "{params.launch} finetune --settings {params.settings:q} --pretrained {input.pretrained}"
+        # The job shell ignores SLURM's stop signals so that it outlives training, which saves a
+        # checkpoint on them and exits 143 (the shell would otherwise die first and take it along).
+        "trap '' TERM USR1; {params.launch} finetune --settings {params.settings:q} --pretrained {input.pretrained}"
         " --usable {input.usable} --norm-stats {input.norm} --classes {input.classes}"
         " --out {output} --work-dir {params.work_dir} 2> {log}"
 

@@ -23,12 +23,15 @@ rule pretrain:
         launch=lambda w: launcher(PRETRAIN[w.run]["resources"]),
     threads: lambda w: max(1, PRETRAIN[w.run]["resources"]["gpus"]) * PRETRAIN[w.run]["resources"]["cpus_per_gpu"]
     resources:
-        gpu=lambda w: PRETRAIN[w.run]["resources"]["gpus"],
+        # The job's total (SLURM's --gpus); `gpus` in the config counts per node.
+        gpu=lambda w: PRETRAIN[w.run]["resources"]["gpus"] * PRETRAIN[w.run]["resources"]["nodes"],
         nodes=lambda w: PRETRAIN[w.run]["resources"]["nodes"],
         runtime=lambda w: PRETRAIN[w.run]["resources"]["runtime"],
     wildcard_constraints:
         run=one_of(PRETRAIN),
     shell:
-        "{params.launch} pretrain --settings {params.settings:q} --usable {input.usable}"
+        # The job shell ignores SLURM's stop signals so that it outlives training, which saves a
+        # checkpoint on them and exits 143 (the shell would otherwise die first and take it along).
+        "trap '' TERM USR1; {params.launch} pretrain --settings {params.settings:q} --usable {input.usable}"
         " --norm-stats {input.norm} --out {output.model} --work-dir {params.work_dir} 2> {log}"
         " && cp {params.work_dir}/metrics.csv {output.history}"

@@ -1,0 +1,266 @@
+#!/usr/bin/env bash
+# Start a one-node SLURM on this machine for tests/test_cluster.py (Debian 12, as root).
+#
+#   tests/cluster/slurm_up.sh      # then: sinfo, sbatch, sacct ... ; stop with slurm_down.sh
+#
+# munged, MariaDB (a private data directory), slurmdbd, slurmctld and slurmd run as plain
+# background daemons: no systemd. Missing Debian packages are installed with apt-get. The node
+# has two partitions, `main` (the default) and `gpu`, fake GPUs (GRES backed by /dev/null and
+# /dev/zero: `--gpus` requests schedule, nothing computes on them) and an account `equiav`,
+# the names workflow/profiles/slurm uses. Running it again changes nothing that works; a
+# daemon this script started is restarted when its configuration file changed. Only daemons
+# started here are recorded (STATE/pids/<name>.pid), and only those does slurm_down.sh stop.
+#
+# Environment: EQUIAV_SLURM_STATE (default /tmp/equiav-slurm): logs, pid files, databases.
+#              EQUIAV_SLURM_DB_PORT (default 3307): MariaDB on 127.0.0.1 (not 3306, so that a
+#              MariaDB the machine already runs is left alone).
+set -euo pipefail
+
+STATE=${EQUIAV_SLURM_STATE:-/tmp/equiav-slurm}
+DB_PORT=${EQUIAV_SLURM_DB_PORT:-3307}
+CLUSTER=equiav-ci
+ACCOUNT=equiav
+GPU_FILES=(/dev/null /dev/zero)
+DB_PASSWORD=equiav-ci  # MariaDB listens on 127.0.0.1 only and holds nothing but this test's jobs
+HEADER="# written by tests/cluster/slurm_up.sh"
+PACKAGES=(munge slurm-client slurmctld slurmd slurmdbd mariadb-server)
+
+say() { echo "slurm_up: $*"; }
+fail() { echo "slurm_up: error: $*" >&2; exit 1; }
+# Exit status 3: the packages cannot be installed here (no apt-get, no mirror); tests skip then.
+cannot_install() { echo "slurm_up: error: $*" >&2; exit 3; }
+
+# wait_until SECONDS WHAT COMMAND...: poll COMMAND until it succeeds.
+wait_until() {
+  local limit=$1 what=$2 deadline=$((SECONDS + $1))
+  shift 2
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || fail "gave up after ${limit}s waiting for $what (logs: $STATE/log)"
+    sleep 0.3
+  done
+}
+
+# alive PID NAME: the process runs program NAME and is not a zombie (the machine's init may
+# be slow to reap daemons that exited).
+alive() {
+  [[ -r /proc/$1/comm && $(cat /proc/"$1"/comm 2>/dev/null) == "$2" ]] || return 1
+  [[ $(awk '{print $3}' /proc/"$1"/stat 2>/dev/null) != Z ]]
+}
+
+gone() { ! alive "$@"; }
+
+# running NAME: the daemon recorded as started here is still alive.
+running() { [[ -s $STATE/pids/$1.pid ]] && alive "$(<"$STATE/pids/$1.pid")" "$1"; }
+
+record() { echo "$2" >"$STATE/pids/$1.pid"; say "started $1 (pid $2)"; }
+
+# restart_if_changed NAME FLAG: stop a daemon of ours whose configuration changed.
+restart_if_changed() {
+  if [[ $2 == 1 ]] && running "$1"; then
+    say "configuration of $1 changed: restarting it"
+    local pid
+    pid=$(<"$STATE/pids/$1.pid")
+    kill "$pid"
+    wait_until 30 "$1 to stop" gone "$pid" "$1"
+    rm -f "$STATE/pids/$1.pid"
+  fi
+}
+
+# install_file PATH MODE OWNER < content: write PATH when its content differs; CHANGED=1 then.
+install_file() {
+  local new
+  new=$(mktemp)
+  cat >"$new"
+  if cmp -s "$new" "$1"; then
+    rm -f "$new"
+    return
+  fi
+  if [[ -e $1 ]] && ! grep -qxF "$HEADER" "$1"; then
+    cp -p "$1" "$1.before-equiav"
+    say "kept the previous $1 as $1.before-equiav"
+  fi
+  install -m "$2" -o "$3" "$new" "$1"
+  rm -f "$new"
+  CHANGED=1
+  say "wrote $1"
+}
+
+[[ $(id -u) == 0 ]] || fail "must run as root (it installs packages and starts system daemons)"
+
+# --- packages --------------------------------------------------------------------------------
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  command -v apt-get >/dev/null || cannot_install "${missing[*]} missing and no apt-get to install them"
+  say "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get -o DPkg::Lock::Timeout=300 -qq update || cannot_install "apt-get update failed"
+  apt-get -o DPkg::Lock::Timeout=300 -qq install -y --no-install-recommends "${missing[@]}" >/dev/null \
+    || cannot_install "apt-get install ${missing[*]} failed"
+fi
+
+# --- directories and host name ---------------------------------------------------------------
+mkdir -p "$STATE"/{pids,run,log,ctld,spool,mysql,mysql-run}
+chmod 755 "$STATE"
+chown slurm:slurm "$STATE/log" "$STATE/ctld"
+chown mysql:mysql "$STATE/mysql" "$STATE/mysql-run"
+HOST=$(hostname -s)
+if ! getent hosts "$HOST" >/dev/null; then
+  echo "127.0.0.1 $HOST" >>/etc/hosts  # slurmctld and slurmd must resolve the node's name
+  say "added $HOST to /etc/hosts"
+fi
+
+# --- configuration ---------------------------------------------------------------------------
+# The node's CPUs as slurmd detects them (a mismatch would drain the node).
+HARDWARE=$(slurmd -C | head -1 | grep -o 'CPUs=.*ThreadsPerCore=[0-9]*')
+REAL_MB=$(slurmd -C | grep -o 'RealMemory=[0-9]*' | cut -d= -f2)
+MEMORY_MB=$((REAL_MB > 65536 ? REAL_MB : 65536))
+GPUS=${#GPU_FILES[@]}
+
+CHANGED=0
+mkdir -p /etc/slurm
+install_file /etc/slurm/slurm.conf 644 root <<EOF
+$HEADER
+ClusterName=$CLUSTER
+SlurmctldHost=$HOST(127.0.0.1)
+SlurmUser=slurm
+AuthType=auth/munge
+StateSaveLocation=$STATE/ctld
+SlurmdSpoolDir=$STATE/spool
+SlurmctldPidFile=$STATE/run/slurmctld.pid
+SlurmdPidFile=$STATE/run/slurmd.pid
+SlurmctldLogFile=$STATE/log/slurmctld.log
+SlurmdLogFile=$STATE/log/slurmd.log
+# No cgroups (containers and CI machines often lack a writable cgroup tree): processes are
+# tracked by parentage, and scancel / --signal reach every process of a job step.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+# Cores and GPUs are allocated per job; memory is not a consumable here (nothing enforces it),
+# so requests only have to fit the node.
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+# The node advertises at least 64 GB, whatever the machine has, so that the profile's
+# paper-sized memory requests schedule on a small CI machine (see MEMORY_MB above).
+SlurmdParameters=config_overrides
+# A node that was down when the daemons stopped comes back as soon as slurmd registers.
+ReturnToService=2
+# Finished jobs stay in squeue for 5 minutes (the default, spelt out: the executor plugin reads
+# it to decide whether squeue can report on finished jobs; sacct keeps them for good).
+MinJobAge=300
+# Accounting in slurmdbd: sacct (the executor plugin's status command) and accounts.
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStorageTRES=gres/gpu
+# sacct shows each job's comment, where the executor plugin writes the rule and wildcards.
+AccountingStoreFlags=job_comment
+JobAcctGatherType=jobacct_gather/none
+GresTypes=gpu
+NodeName=$HOST NodeAddr=127.0.0.1 $HARDWARE RealMemory=$MEMORY_MB Gres=gpu:$GPUS State=UNKNOWN
+PartitionName=main Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=$HOST MaxTime=INFINITE State=UP
+EOF
+# One fake GPU per device file: SLURM sets CUDA_VISIBLE_DEVICES from their index.
+install_file /etc/slurm/gres.conf 644 root < <(
+  echo "$HEADER"
+  for f in "${GPU_FILES[@]}"; do echo "NodeName=$HOST Name=gpu File=$f"; done
+)
+SLURM_CHANGED=$CHANGED
+
+CHANGED=0
+install_file /etc/slurm/slurmdbd.conf 600 slurm <<EOF
+$HEADER
+AuthType=auth/munge
+DbdHost=localhost
+SlurmUser=slurm
+LogFile=$STATE/log/slurmdbd.log
+PidFile=$STATE/run/slurmdbd.pid
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=$DB_PASSWORD
+StorageLoc=slurm_acct_db
+EOF
+DBD_CHANGED=$CHANGED
+
+# --- munge -----------------------------------------------------------------------------------
+if [[ ! -s /etc/munge/munge.key ]]; then
+  mkdir -p /etc/munge
+  head -c 1024 /dev/urandom >/etc/munge/munge.key
+  chown munge:munge /etc/munge/munge.key
+  chmod 400 /etc/munge/munge.key
+fi
+if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+  install -d -o munge -g munge -m 755 /run/munge
+  rm -f /run/munge/munged.pid
+  runuser -u munge -- /usr/sbin/munged
+  wait_until 20 munged bash -c 'munge -n | unmunge'
+  record munged "$(</run/munge/munged.pid)"
+fi
+
+# --- MariaDB for slurmdbd --------------------------------------------------------------------
+SOCKET=$STATE/mysql-run/mysqld.sock
+sql() { mariadb --no-defaults --socket="$SOCKET" -uroot "$@"; }
+if ! sql -e 'select 1' >/dev/null 2>&1; then
+  if [[ ! -d $STATE/mysql/mysql ]]; then
+    mariadb-install-db --no-defaults --user=mysql --datadir="$STATE/mysql" --skip-test-db \
+      --auth-root-authentication-method=socket >"$STATE/log/mariadb-install.log" 2>&1 \
+      || fail "mariadb-install-db failed (see $STATE/log/mariadb-install.log)"
+  fi
+  # --no-defaults: the machine's /etc/mysql settings (datadir, port 3306) are not ours.
+  setsid /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$STATE/mysql" \
+    --socket="$SOCKET" --pid-file="$STATE/mysql-run/mariadbd.pid" --bind-address=127.0.0.1 \
+    --port="$DB_PORT" --log-error="$STATE/mysql-run/mariadbd.log" </dev/null >/dev/null 2>&1 &
+  record mariadbd $!
+  wait_until 60 MariaDB sql -e 'select 1'
+fi
+sql -e "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASSWORD';
+        GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
+
+# --- slurmdbd, then the cluster and the account in it ----------------------------------------
+dbd_port_open() { (exec 3<>/dev/tcp/127.0.0.1/6819) 2>/dev/null; }
+restart_if_changed slurmdbd "$DBD_CHANGED"
+if ! dbd_port_open; then
+  rm -f "$STATE/run/slurmdbd.pid"
+  /usr/sbin/slurmdbd
+  wait_until 60 "slurmdbd on port 6819" dbd_port_open
+  record slurmdbd "$(<"$STATE/run/slurmdbd.pid")"
+fi
+# Registered before slurmctld starts, so that the account can be made at once.
+if [[ -z $(sacctmgr -nP list cluster "$CLUSTER" format=cluster) ]]; then
+  sacctmgr -i add cluster "$CLUSTER" >/dev/null
+fi
+if [[ -z $(sacctmgr -nP list account "$ACCOUNT" format=account) ]]; then
+  sacctmgr -i add account "$ACCOUNT" cluster="$CLUSTER" description="equiav tests" organization=equiav >/dev/null
+fi
+# The executor plugin checks that its user belongs to the profile's slurm_account.
+if [[ -z $(sacctmgr -nP list association user=root account="$ACCOUNT" format=user) ]]; then
+  sacctmgr -i add user root account="$ACCOUNT" cluster="$CLUSTER" >/dev/null
+fi
+
+# --- slurmctld and slurmd --------------------------------------------------------------------
+restart_if_changed slurmd "$SLURM_CHANGED"
+restart_if_changed slurmctld "$SLURM_CHANGED"
+if ! scontrol ping 2>/dev/null | grep -q 'is UP'; then
+  rm -f "$STATE/run/slurmctld.pid"
+  /usr/sbin/slurmctld
+  wait_until 60 slurmctld bash -c "scontrol ping | grep -q 'is UP'"
+  record slurmctld "$(<"$STATE/run/slurmctld.pid")"
+fi
+if ! { [[ -s $STATE/run/slurmd.pid ]] && alive "$(<"$STATE/run/slurmd.pid")" slurmd; }; then
+  rm -f "$STATE/run/slurmd.pid"
+  /usr/sbin/slurmd
+  wait_until 30 slurmd test -s "$STATE/run/slurmd.pid"
+  record slurmd "$(<"$STATE/run/slurmd.pid")"
+fi
+node_idle() {
+  case $(sinfo -h -n "$HOST" -o %T | head -1) in
+    idle | mixed | allocated | completing) return 0 ;;
+    down* | drain*) scontrol update nodename="$HOST" state=resume ;;  # left over from an old run
+  esac
+  return 1
+}
+wait_until 60 "node $HOST to be idle" node_idle
+say "up: cluster $CLUSTER, node $HOST, partitions main and gpu, $GPUS fake GPUs, account $ACCOUNT"
