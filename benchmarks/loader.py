@@ -9,6 +9,8 @@ Paths (rows), each for every --workers count:
 
 * ``augment on <device>``: the trainer's path: batched augmentation where the model runs (on
   CUDA: pinned batch, non-blocking copy, then augmentation on the GPU).
+* ``workers only``: the loader's batches, not augmented: what the CPU side has to deliver when
+  the augmentation runs on the GPU, and so the ceiling of the trainer's path on this CPU.
 * ``augment on cpu``: on CUDA only, the batched augmentation on the CPU in the main process,
   then the copy (what the GPU path saves).
 * ``unpinned``: on CUDA only, the trainer's path with pin_memory=False (what pinning buys).
@@ -161,6 +163,8 @@ def measure(
     )
 
     def views(data: dict[str, Any], step: int) -> PretrainViews | dict[str, Tensor]:
+        if path == "workers":
+            return data
         if path == "authors":
             return {k: v.to(device, non_blocking=True) for k, v in data.items()}
         if path == "gpu_decode":
@@ -189,6 +193,7 @@ def measure(
 
 
 PATH_NAMES = {
+    "workers": "workers only (no augmentation)",
     "device": "augment on {device}",
     "cpu_augment": "augment on cpu, then copy",
     "unpinned": "augment on {device}, unpinned",
@@ -221,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             sys.exit(f"unknown --paths {unknown}; choose among {', '.join(PATH_NAMES)}")
     else:
-        paths = ["device", "authors"] if device.type == "cpu" else list(PATH_NAMES)
+        paths = ["workers", "device", "authors"] if device.type == "cpu" else list(PATH_NAMES)
     shard = args.shard or default_cache_dir() / f"loader_shard_{args.clips}.h5"
     shard.parent.mkdir(parents=True, exist_ok=True)
     synthetic_shard(shard, args.clips)

@@ -10,7 +10,10 @@ All random draws of one call happen up front, in one place (``_draw_audio`` / ``
 on the generator's device (the CPU when no generator is given): forward and ``sample_params``
 therefore consume a seeded generator identically, and the per-sample choices that decide which
 samples an operation touches never need a device synchronisation. The heavy operations are
-vectorised over the batch and run on the input's device.
+vectorised over the batch and run on the input's device; the drawn values reach a CUDA device
+through pinned memory, asynchronously, so augmenting never waits for the kernels queued before
+it. ``forward`` also takes one generator per equal chunk of the batch: the draws stay those of
+each chunk's generator, the work runs once on the whole batch.
 
 Audio vector (input: normalised fbank ``[B, T, F]``, time x freq):
 
@@ -52,9 +55,11 @@ Every slot of an augmentation that was not applied is 0 (the order slots hold [0
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -85,6 +90,7 @@ _LUMA = (0.2989, 0.587, 0.114)
 _CROP_ATTEMPTS = 10
 
 Uniform = Callable[..., Tensor]
+_Draw = TypeVar("_Draw")  # one of the draw dataclasses below
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,6 +227,53 @@ def _uniform_source(generator: torch.Generator | None) -> Uniform:
         return torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
 
     return rand
+
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _draw_per_chunk(draw: Callable[[int, Uniform], _Draw], batch: int, generators: Generators) -> _Draw:
+    """``draw(n, rand)`` for the whole batch from one generator, or per equal chunk from a sequence of
+    generators (chunk i of the rows from generator i), the chunks' draws joined in order."""
+    if generators is None or isinstance(generators, torch.Generator):
+        return draw(batch, _uniform_source(generators))
+    generators = list(generators)
+    if not generators or batch % len(generators):
+        raise ValueError(
+            f"a batch of {batch} rows cannot be split into {len(generators)} equal chunks, one per generator; "
+            "pass as many generators as the batch has equal chunks (or one generator)"
+        )
+    size = batch // len(generators)
+    return _join_draws([draw(size, _uniform_source(g)) for g in generators])
+
+
+def _join_draws(draws: list[_Draw]) -> _Draw:
+    """Concatenate draws of the same kind along the rows (tensors joined, sizes checked equal)."""
+    first = draws[0]
+    values = {}
+    for field in dataclasses.fields(first):
+        parts = [getattr(d, field.name) for d in draws]
+        if isinstance(parts[0], Tensor):
+            values[field.name] = torch.cat(parts)
+        elif dataclasses.is_dataclass(parts[0]):
+            values[field.name] = _join_draws(parts)
+        else:
+            if any(part != parts[0] for part in parts):
+                raise ValueError(f"cannot join draws with different {field.name}: {parts}")
+            values[field.name] = parts[0]
+    return type(first)(**values)
+
+
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor`` on ``device``; a CPU -> CUDA copy goes through pinned memory without blocking.
+
+    A copy from pageable memory waits for every kernel queued before it, which would stall the
+    host once per drawn value; from pinned memory it is queued like a kernel (PyTorch keeps the
+    pinned block alive until the copy has run).
+    """
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _uniform_in(rand: Uniform, n: int, interval: tuple[float, float]) -> Tensor:
@@ -469,7 +522,7 @@ def _resized_crop(images: Tensor, boxes: Tensor, out_height: int, out_width: int
     Returns: [n, C, out_height, out_width]. Bilinear interpolation is separable: rows, then columns.
     """
     n, channels, _, width = images.shape
-    boxes = boxes.to(images.device)
+    boxes = _to_device(boxes, images.device)
     row_low, row_high, row_frac = _bilinear_taps(boxes[:, 0], boxes[:, 2], out_height)
     col_low, col_high, col_frac = _bilinear_taps(boxes[:, 1], boxes[:, 3], out_width)
 
@@ -535,7 +588,8 @@ def _convolve_axis(x: Tensor, weights: Tensor, dim: int) -> Tensor:
 
 def _gaussian_blur(images: Tensor, sigma: Tensor, truncate: float) -> Tensor:
     """Blur each image [n, C, H, W] with its own isotropic Gaussian (separable, reflect padding)."""
-    weights = _gaussian_weights(sigma.to(images.device), truncate, images.dtype)
+    # The kernel's width is a host decision (no sync): weights are made where sigma was drawn.
+    weights = _to_device(_gaussian_weights(sigma, truncate, images.dtype), images.device)
     return _convolve_axis(_convolve_axis(images, weights, 2), weights, 3)
 
 
@@ -544,7 +598,7 @@ def _blur_selected(images: Tensor, blur: _BlurDraw, truncate: float) -> Tensor:
     index = blur.applied.nonzero().squeeze(1)
     if index.numel() == 0:
         return images
-    index_here = index.to(images.device)
+    index_here = _to_device(index, images.device)
     out = images.clone()
     out[index_here] = _gaussian_blur(images[index_here], blur.sigma[index], truncate)
     return out
@@ -558,7 +612,7 @@ def _grayscale(images: Tensor) -> Tensor:
 
 def _per_sample(values: Tensor, like: Tensor) -> Tensor:
     """[n] -> [n, 1, ..., 1] on like's device and dtype, to broadcast against like [n, ...]."""
-    return values.to(device=like.device, dtype=like.dtype).view((-1,) + (1,) * (like.dim() - 1))
+    return _to_device(values, like.device).to(like.dtype).view((-1,) + (1,) * (like.dim() - 1))
 
 
 def _shift_hue(images: Tensor, shift: Tensor) -> Tensor:
@@ -630,7 +684,7 @@ def _apply_jitter(x: Tensor, jitter: _JitterDraw, operation: Callable[[int, Tens
             index = (jitter.applied & (jitter.order[:, position] == op)).nonzero().squeeze(1)
             if index.numel() == 0:
                 continue
-            index_here = index.to(x.device)
+            index_here = _to_device(index, x.device)
             out[index_here] = operation(op, out[index_here], jitter.factors[index, op])
     return out
 
@@ -659,12 +713,14 @@ class AudioAugment(nn.Module):
     def extra_repr(self) -> str:
         return repr(self.config)
 
-    def forward(self, spec: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, spec: Tensor, generator: Generators = None) -> tuple[Tensor, Tensor]:
         """Augment each spectrogram with its own random parameters.
 
         Args:
             spec: [B, T, F] floating, normalised fbank (time frames x frequency bins), any device.
-            generator: seeds the draws (drawn on its device; CPU default generator when None).
+            generator: seeds the draws (drawn on its device; CPU default generator when None); a
+                sequence of k generators draws the batch's k equal chunks, chunk i from generator
+                i, as k calls on the chunks would (the work still runs once, on the whole batch).
         Returns:
             augmented [B, T, F] (same dtype and device), params float32 [B, 24] on spec's device.
         """
@@ -679,11 +735,11 @@ class AudioAugment(nn.Module):
             )
         config = self.config
         batch, time_frames, freq_bins = spec.shape
-        draw = _draw_audio(config, batch, time_frames, freq_bins, _uniform_source(generator))
+        draw = _draw_per_chunk(lambda n, rand: _draw_audio(config, n, time_frames, freq_bins, rand), batch, generator)
         device = spec.device
 
         # SpecAugment: zero (the normalised mean) one time and one frequency band per sample.
-        time_mask, freq_mask = draw.time_mask.to(device), draw.freq_mask.to(device)
+        time_mask, freq_mask = _to_device(draw.time_mask, device), _to_device(draw.freq_mask, device)
         frames = torch.arange(time_frames, device=device)
         bins = torch.arange(freq_bins, device=device)
         in_time = (frames >= time_mask[:, :1]) & (frames < time_mask[:, 1:])
@@ -692,15 +748,15 @@ class AudioAugment(nn.Module):
 
         # Time shift: torch.roll along time by a per-sample amount, out[t] = x[(t - shift) mod T].
         if not config.release_time_shift:
-            source = (frames - draw.shift.to(device)[:, None]).remainder(time_frames)
+            source = (frames - _to_device(draw.shift, device)[:, None]).remainder(time_frames)
             x = x.gather(1, source[:, :, None].expand(batch, time_frames, freq_bins))
 
         x = _resized_crop(x[:, None], draw.crop, time_frames, freq_bins)[:, 0]
         x = _apply_jitter(x, draw.jitter, lambda op, s, f: _audio_jitter_op(op, s, f, config.release_clamp))
         x = _blur_selected(x[:, None], draw.blur, config.blur_truncate)[:, 0]
         flip_dim = 1 if config.flip_axis == "time" else 2
-        x = torch.where(draw.flip.to(device)[:, None, None], x.flip(flip_dim), x)
-        return x, _encode_audio(draw, config).to(device)
+        x = torch.where(_to_device(draw.flip, device)[:, None, None], x.flip(flip_dim), x)
+        return x, _to_device(_encode_audio(draw, config), device)
 
     def sample_params(
         self,
@@ -724,7 +780,7 @@ class AudioAugment(nn.Module):
         _check_count("freq_bins", freq_bins)
         draw = _draw_audio(self.config, batch * samples, time_frames, freq_bins, _uniform_source(generator))
         params = _encode_audio(draw, self.config).view(batch, samples, AUDIO_PARAM_DIM)
-        return params if device is None else params.to(device)
+        return params if device is None else _to_device(params, torch.device(device))
 
 
 def _to_unit_float(images: Tensor) -> Tensor:
@@ -746,8 +802,8 @@ def normalize_image(images: Tensor) -> Tensor:
             f"normalize_image expects RGB images shaped [..., 3, height, width]; got shape {tuple(images.shape)}"
         )
     images = _to_unit_float(images)
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(3, 1, 1)
+    mean = _to_device(torch.tensor(IMAGENET_MEAN, dtype=images.dtype), images.device).view(3, 1, 1)
+    std = _to_device(torch.tensor(IMAGENET_STD, dtype=images.dtype), images.device).view(3, 1, 1)
     return (images - mean) / std
 
 
@@ -765,12 +821,14 @@ class VisualAugment(nn.Module):
     def extra_repr(self) -> str:
         return repr(self.config)
 
-    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor, generator: Generators = None) -> tuple[Tensor, Tensor]:
         """Augment each frame with its own random parameters.
 
         Args:
             images: [B, 3, H, W], float in [0, 1] or uint8, un-normalised RGB, any device.
-            generator: seeds the draws (drawn on its device; CPU default generator when None).
+            generator: seeds the draws (drawn on its device; CPU default generator when None); a
+                sequence of k generators draws the batch's k equal chunks, chunk i from generator
+                i, as k calls on the chunks would (the work still runs once, on the whole batch).
         Returns:
             augmented, ImageNet-normalised [B, 3, size, size] (float32 for uint8 input, else the
             input dtype), params float32 [B, 18] on the images' device.
@@ -784,15 +842,15 @@ class VisualAugment(nn.Module):
         config = self.config
         x = _to_unit_float(images)
         batch, _, height, width = x.shape
-        draw = _draw_visual(config, batch, height, width, _uniform_source(generator))
+        draw = _draw_per_chunk(lambda n, rand: _draw_visual(config, n, height, width, rand), batch, generator)
         device = x.device
 
         x = _resized_crop(x, draw.crop, config.size, config.size)
         x = _apply_jitter(x, draw.jitter, _visual_jitter_op)
         x = _blur_selected(x, draw.blur, config.blur_truncate)
-        x = torch.where(draw.flip.to(device)[:, None, None, None], x.flip(3), x)
-        x = torch.where(draw.gray.to(device)[:, None, None, None], _grayscale(x).expand_as(x), x)
-        return normalize_image(x), _encode_visual(draw).to(device)
+        x = torch.where(_to_device(draw.flip, device)[:, None, None, None], x.flip(3), x)
+        x = torch.where(_to_device(draw.gray, device)[:, None, None, None], _grayscale(x).expand_as(x), x)
+        return normalize_image(x), _to_device(_encode_visual(draw), device)
 
     def sample_params(
         self,
@@ -817,4 +875,4 @@ class VisualAugment(nn.Module):
         _check_count("width", width)
         draw = _draw_visual(self.config, batch * samples, height, width, _uniform_source(generator))
         params = _encode_visual(draw).view(batch, samples, VISUAL_PARAM_DIM)
-        return params if device is None else params.to(device)
+        return params if device is None else _to_device(params, torch.device(device))

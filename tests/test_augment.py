@@ -27,6 +27,7 @@ from equiav.augment import (
     VisualAugmentConfig,
     normalize_image,
 )
+from equiav.train.data import DeviceAugmenter
 
 T, F = 64, 16  # a small spectrogram: time frames x frequency bins
 B = 12
@@ -392,6 +393,19 @@ def test_audio_is_deterministic_under_a_seeded_generator():
     assert not torch.equal(p1, p3)
 
 
+def test_one_generator_per_chunk_equals_augmenting_each_chunk_alone():
+    audio_config = dataclasses.replace(AudioAugmentConfig(), jitter_p=0.7, blur_p=0.6)
+    visual = VisualAugment(VisualAugmentConfig(size=16, jitter_p=0.7, blur_p=0.6))  # random crops too
+    for augment, x in ((AudioAugment(audio_config), torch.randn(12, T, F)), (visual, images(batch=12))):
+        whole, whole_params = augment(x, [seeded(seed) for seed in (5, 6, 7)])
+        chunks = [augment(x[4 * i : 4 * i + 4], seeded(seed)) for i, seed in enumerate((5, 6, 7))]
+        # Blur kernels padded to the batch's widest add exact zeros: equal bit for bit.
+        assert torch.equal(whole, torch.cat([out for out, _ in chunks]))
+        assert torch.equal(whole_params, torch.cat([params for _, params in chunks]))
+        with pytest.raises(ValueError, match="cannot be split into 5 equal chunks"):
+            augment(x, [seeded(seed) for seed in range(5)])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_audio_batch_of_one_keeps_dtype_and_shape(dtype: torch.dtype):
     x = torch.randn(1, 1024, 128, dtype=dtype)
@@ -581,3 +595,23 @@ def test_cuda_matches_cpu_with_a_cpu_generator():
         assert out_gpu.is_cuda and p_gpu.is_cuda
         torch.testing.assert_close(p_gpu.cpu(), p_cpu)
         torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_augmenting_on_cuda_never_waits_for_the_device():
+    augment_audio = AudioAugment(dataclasses.replace(AudioAugmentConfig(), jitter_p=1.0, blur_p=1.0))
+    augment_visual = VisualAugment(VisualAugmentConfig(size=16, jitter_p=1.0, blur_p=1.0))
+    x_audio, x_visual = torch.randn(8, T, F, device="cuda"), images(batch=8).cuda()
+    augment_audio(x_audio, seeded(0)), augment_visual(x_visual, seeded(0))  # allocator warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host <-> device synchronisation raises
+    try:
+        augment_audio(x_audio, [seeded(1), seeded(2)])
+        augment_visual(x_visual, [seeded(1), seeded(2)])
+        augment_audio.sample_params(8, 16, T, F, generator=seeded(3), device="cuda")
+        # The trainer's path: per-chunk generators, one call per modality on the whole batch.
+        augmenter = DeviceAugmenter(seed=0, image_size=16, centroid_samples=16, chunk=2, device=torch.device("cuda"))
+        augmenter({"fbank": x_audio, "frames": (x_visual * 255).to(torch.uint8)}, step=1, offset=0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -220,7 +220,7 @@ class DeviceAugmenter:
     augmented with a CPU generator seeded (seed, AUGMENT, step, global chunk): one generator
     makes the chunk's audio augmentation, visual augmentation and centroid vectors, in that
     order. The draws happen on the CPU (a handful of numbers per row, no device sync) and the
-    heavy work runs batched where the data is.
+    heavy work runs where the data is: on a GPU in one call for all the rows.
     """
 
     def __init__(
@@ -265,24 +265,27 @@ class DeviceAugmenter:
         self.check_batch(rows)
         if offset % self.chunk:
             raise ValueError(f"offset {offset} is not a multiple of augment_chunk={self.chunk}")
-        _, time_frames, freq_bins = fbank.shape
-        height, width = frames.shape[-2:]
-        parts: list[tuple[Tensor, ...]] = []
-        for start in range(0, rows, self.chunk):
-            stop = start + self.chunk
-            chunk_index = (offset + start) // self.chunk
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, AUGMENT, step, chunk_index))
-            audio_aug, audio_params = self.audio(fbank[start:stop], generator)
-            visual_aug, visual_params = self.visual(frames_aug[start:stop], generator)
-            audio_centroid = self.audio.sample_params(
-                self.chunk, self.centroid_samples, time_frames, freq_bins, generator=generator, device=device
-            )
-            visual_centroid = self.visual.sample_params(
-                self.chunk, self.centroid_samples, height, width, generator=generator, device=device
-            )
-            parts.append((audio_aug, visual_aug, audio_params, visual_params, audio_centroid, visual_centroid))
-        audio_aug, visual_aug, audio_params, visual_params, audio_centroid, visual_centroid = (
-            torch.cat(tensors) for tensors in zip(*parts, strict=True)
+        chunk, samples = self.chunk, self.centroid_samples
+        generators = [
+            torch.Generator().manual_seed(derive_seed(self.seed, AUGMENT, step, offset // chunk + j))
+            for j in range(rows // chunk)
+        ]
+        # Each chunk's generator makes, in this order, the chunk's audio augmentation, visual
+        # augmentation and centroid vectors. On a GPU one call augments all rows (a few hundred
+        # kernel launches instead of as many per chunk); on the CPU a chunk's tensors stay in the
+        # cache, which makes chunk-by-chunk calls 2.6x faster (batch 128). Both give the same bits.
+        per_call = len(generators) if fbank.device.type == "cuda" else 1
+        parts = []
+        for first in range(0, len(generators), per_call):
+            group = generators[first : first + per_call]
+            rows_here = slice(first * chunk, (first + len(group)) * chunk)
+            parts.append((*self.audio(fbank[rows_here], group), *self.visual(frames_aug[rows_here], group)))
+        audio_aug, audio_params, visual_aug, visual_params = (torch.cat(t) for t in zip(*parts, strict=True))
+        audio_centroid = torch.cat(
+            [self.audio.sample_params(chunk, samples, *fbank.shape[1:], generator=g, device=device) for g in generators]
+        )
+        visual_centroid = torch.cat(
+            [self.visual.sample_params(chunk, samples, *frames.shape[-2:], generator=g, device=device) for g in generators]
         )
         return PretrainViews(
             audio=fbank,
