@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from common import OUT, environment, parse_ints, print_table, quantiles, resolve_device, synchronize, write_json
+from common import OUT, environment, parse_ints, print_table, quantiles, resolve_device, synchronize, write_result
 from equiav.augment import AudioAugment, VisualAugment
 
 TIME_FRAMES, FREQ_BINS, IMAGE = 1024, 128, 224
@@ -88,15 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         (("batch", "batch"), ("mode", "mode"), ("ms_per_batch", "ms / batch"), ("samples_per_s", "samples/s")),
         title=f"Augmentation (audio + visual, chunk {args.chunk}), {env['device_name']}, {torch.get_num_threads()} CPU threads",
     )
-    write_json(
-        args.out,
-        {
-            "benchmark": "augment",
-            "environment": env,
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "threads": torch.get_num_threads(),
-            "rows": rows,
-        },
+    write_result(
+        args,
+        "augment",
+        env,
+        threads=torch.get_num_threads(),
+        rows=rows,
     )
     return 0
 

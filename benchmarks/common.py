@@ -168,6 +168,12 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     print(f"\nwrote {path}")
 
 
+def write_result(args: Any, benchmark: str, env: dict[str, Any], **fields: Any) -> None:
+    """Write a script's result to ``args.out``: its name, the environment, its arguments, then ``fields``."""
+    arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    write_json(args.out, {"benchmark": benchmark, "environment": env, "args": arguments, **fields})
+
+
 # --------------------------------------------------------------------------------------------
 # Synthetic data
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 import torchvision
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from common import OUT, environment, parse_ints, print_table, quantiles, random_jpegs, resolve_device, synchronize, write_json
+from common import OUT, environment, parse_ints, print_table, quantiles, random_jpegs, resolve_device, synchronize, write_result
 
 
 def timed(run: Callable[[], Any], device: torch.device, images: int, repeats: int) -> list[float]:
@@ -84,16 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         (("method", "method"), ("device", "device"), ("batch", "batch"), ("images_per_s", "images/s"), ("vs_cpu_per_image", "x CPU per image")),
         title=f"JPEG decode, {args.images} images {args.size}x{args.size} q{args.quality} (mean {mean_bytes / 1024:.1f} KiB), {env['device_name']}",
     )
-    write_json(
-        args.out,
-        {
-            "benchmark": "jpeg_decode",
-            "environment": env,
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "torchvision": torchvision.__version__,
-            "mean_jpeg_bytes": mean_bytes,
-            "rows": rows,
-        },
+    write_result(
+        args,
+        "jpeg_decode",
+        env,
+        torchvision=torchvision.__version__,
+        mean_jpeg_bytes=mean_bytes,
+        rows=rows,
     )
     return 0
 

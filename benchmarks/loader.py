@@ -53,7 +53,7 @@ from common import (
     resolve_device,
     synchronize,
     synthetic_shard,
-    write_json,
+    write_result,
 )
 from equiav.augment import AudioAugment, VisualAugment, normalize_image
 from equiav.data.store import FeatureDataset, read_index
@@ -271,16 +271,13 @@ def main(argv: list[str] | None = None) -> int:
         title=f"Data loading, batch {args.batch_size}, {env['device_name']}"
         + (f" (step rate {step_rate:.1f} samples/s)" if step_rate else ""),
     )
-    write_json(
-        args.out,
-        {
-            "benchmark": "loader",
-            "environment": env,
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "shard": {"path": str(shard), "clips": args.clips, "bytes": shard.stat().st_size},
-            "step_samples_per_s": step_rate,
-            "rows": rows,
-        },
+    write_result(
+        args,
+        "loader",
+        env,
+        shard={"path": str(shard), "clips": args.clips, "bytes": shard.stat().st_size},
+        step_samples_per_s=step_rate,
+        rows=rows,
     )
     return 0
 

@@ -70,7 +70,7 @@ from common import (
     resolve_device,
     single_process_group,
     synchronize,
-    write_json,
+    write_result,
 )
 from equiav.augment import normalize_image
 from equiav.losses import EquiAVLoss
@@ -469,18 +469,15 @@ def main(argv: list[str] | None = None) -> int:
                 parts.append(f"centroid S=16 costs {entry['centroid_cost_pct']:+.1f} %")
             parts.append(f"{args.epochs} epochs x {args.clips:,} clips: {entry['projection_hours_1_gpu']:.0f} h on 1 device")
             print(", ".join(parts))
-    write_json(
-        args.out,
-        {
-            "benchmark": "pretrain_step",
-            "environment": env,
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "model_config": config.to_dict(),
-            "flops_per_sample": flops,
-            "matmul_peak": peak,
-            "rows": rows,
-            "summary": summary,
-        },
+    write_result(
+        args,
+        "pretrain_step",
+        env,
+        model_config=config.to_dict(),
+        flops_per_sample=flops,
+        matmul_peak=peak,
+        rows=rows,
+        summary=summary,
     )
     return 0
 
