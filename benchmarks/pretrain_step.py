@@ -371,6 +371,71 @@ def main(argv: list[str] | None = None) -> int:
     plan: list[tuple[int, str]] = []
     results: dict[tuple[int, str], list[dict[str, Any]]] = {}
 
+    def summarise() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The table rows and the per-batch summary of what has been measured so far."""
+        rows: list[dict[str, Any]] = []
+        for batch, name in plan:
+            runs = results[(batch, name)]
+            ok = [r for r in runs if not r.get("oom")]
+            row: dict[str, Any] = {"batch": batch, "variant": name, **dataclasses.asdict(variants[name])}
+            row.pop("name")
+            if not ok:
+                row.update(note="out of memory", oom=True)
+                rows.append(row)
+                continue
+            rates = [r["samples_per_s"] for r in ok]
+            median = quantiles(rates)["median"]
+            per_sample = flops["S=16" if variants[name].centroid else "S=0"]
+            mems = [r["peak_mem_gb"] for r in ok if r["peak_mem_gb"] is not None]
+            row.update(
+                samples_per_s=median,
+                samples_per_s_runs=rates,
+                step_ms=1e3 * batch / median,
+                tflops=per_sample * median / 1e12,
+                peak_share_pct=100 * per_sample * median / 1e12 / peak["tflops"],
+                peak_mem_gb=max(mems) if mems else None,
+            )
+            rows.append(row)
+        by_key = {(r["batch"], r["variant"]): r for r in rows}
+        summary: dict[str, Any] = {"per_batch": {}}
+        for batch in batch_sizes:
+            authors = by_key.get((batch, "authors"), {}).get("samples_per_s")
+            authors_gpu = by_key.get((batch, "authors, GPU part"), {}).get("samples_per_s")
+            s0 = by_key.get((batch, "ours S=0"), {}).get("samples_per_s")
+            for r in rows:
+                if r["batch"] == batch and r.get("samples_per_s") and authors:
+                    r["vs_authors"] = r["samples_per_s"] / authors
+            candidates = ("ours", "ours+compile") if batch in fitted else ("ours+ckpt",)
+            ours_rows = [r for r in rows if r["batch"] == batch and r["variant"] in candidates and r.get("samples_per_s")]
+            best = max(ours_rows, key=lambda r: r["samples_per_s"], default=None)
+            entry: dict[str, Any] = {}
+            if best:
+                entry.update(best_variant=best["variant"], best_samples_per_s=best["samples_per_s"], best_peak_share_pct=best["peak_share_pct"])
+                if authors:
+                    entry["speedup_vs_authors"] = best["samples_per_s"] / authors
+                if authors_gpu:
+                    entry["speedup_vs_authors_gpu_part"] = best["samples_per_s"] / authors_gpu
+                plain = by_key.get((batch, "ours"), {}).get("samples_per_s") or by_key.get((batch, "ours+ckpt"), {}).get("samples_per_s")
+                if s0 and plain:
+                    entry["centroid_cost_pct"] = 100 * (s0 / plain - 1)  # extra time per sample of S = 16
+                rate = best["samples_per_s"]
+                entry["projection_hours_1_gpu"] = args.epochs * args.clips / rate / 3600
+                entry["projection_hours_8_gpus_linear"] = entry["projection_hours_1_gpu"] / 8
+            summary["per_batch"][str(batch)] = entry
+        summary["projection"] = {"clips": args.clips, "epochs": args.epochs, "note": "epochs x clips / best samples/s; 8 GPUs assume linear scaling"}
+
+        for r in rows:
+            if r.get("note") is None and r["variant"] == "ours+ckpt" and r["batch"] not in fitted:
+                r["note"] = "checkpointing forced by memory"
+        return rows, summary
+
+    def save(complete: bool) -> None:
+        rows, summary = summarise()
+        write_result(
+            args, "pretrain_step", env, complete=complete, model_config=config.to_dict(),
+            flops_per_sample=flops, matmul_peak=peak, rows=rows, summary=summary,
+        )  # fmt: skip
+
     def run(batch: int, names: list[str], repeats: int) -> None:
         """Measure each row until it has ``repeats`` results (round-robin) or ran out of memory."""
         for repeat in range(repeats):
@@ -383,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 print(f"  batch {batch}: {name} ({repeat + 1}/{repeats})", file=sys.stderr, flush=True)
                 done.append(try_measure(variants[name], config, batch, **kwargs))
+                save(complete=False)  # a run cut short still leaves what it measured
 
     fitted = []
     for batch in batch_sizes:
@@ -401,61 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_ablations and ablation_batch is not None:
         run(ablation_batch, ["ours", *ABLATIONS], args.repeats)
 
-    # ---- summarise -------------------------------------------------------------------------
-    rows: list[dict[str, Any]] = []
-    for batch, name in plan:
-        runs = results[(batch, name)]
-        ok = [r for r in runs if not r.get("oom")]
-        row: dict[str, Any] = {"batch": batch, "variant": name, **dataclasses.asdict(variants[name])}
-        row.pop("name")
-        if not ok:
-            row.update(note="out of memory", oom=True)
-            rows.append(row)
-            continue
-        rates = [r["samples_per_s"] for r in ok]
-        median = quantiles(rates)["median"]
-        per_sample = flops["S=16" if variants[name].centroid else "S=0"]
-        mems = [r["peak_mem_gb"] for r in ok if r["peak_mem_gb"] is not None]
-        row.update(
-            samples_per_s=median,
-            samples_per_s_runs=rates,
-            step_ms=1e3 * batch / median,
-            tflops=per_sample * median / 1e12,
-            peak_share_pct=100 * per_sample * median / 1e12 / peak["tflops"],
-            peak_mem_gb=max(mems) if mems else None,
-        )
-        rows.append(row)
-    by_key = {(r["batch"], r["variant"]): r for r in rows}
-    summary: dict[str, Any] = {"per_batch": {}}
-    for batch in batch_sizes:
-        authors = by_key.get((batch, "authors"), {}).get("samples_per_s")
-        authors_gpu = by_key.get((batch, "authors, GPU part"), {}).get("samples_per_s")
-        s0 = by_key.get((batch, "ours S=0"), {}).get("samples_per_s")
-        for r in rows:
-            if r["batch"] == batch and r.get("samples_per_s") and authors:
-                r["vs_authors"] = r["samples_per_s"] / authors
-        candidates = ("ours", "ours+compile") if batch in fitted else ("ours+ckpt",)
-        ours_rows = [r for r in rows if r["batch"] == batch and r["variant"] in candidates and r.get("samples_per_s")]
-        best = max(ours_rows, key=lambda r: r["samples_per_s"], default=None)
-        entry: dict[str, Any] = {}
-        if best:
-            entry.update(best_variant=best["variant"], best_samples_per_s=best["samples_per_s"], best_peak_share_pct=best["peak_share_pct"])
-            if authors:
-                entry["speedup_vs_authors"] = best["samples_per_s"] / authors
-            if authors_gpu:
-                entry["speedup_vs_authors_gpu_part"] = best["samples_per_s"] / authors_gpu
-            plain = by_key.get((batch, "ours"), {}).get("samples_per_s") or by_key.get((batch, "ours+ckpt"), {}).get("samples_per_s")
-            if s0 and plain:
-                entry["centroid_cost_pct"] = 100 * (s0 / plain - 1)  # extra time per sample of S = 16
-            rate = best["samples_per_s"]
-            entry["projection_hours_1_gpu"] = args.epochs * args.clips / rate / 3600
-            entry["projection_hours_8_gpus_linear"] = entry["projection_hours_1_gpu"] / 8
-        summary["per_batch"][str(batch)] = entry
-    summary["projection"] = {"clips": args.clips, "epochs": args.epochs, "note": "epochs x clips / best samples/s; 8 GPUs assume linear scaling"}
-
-    for r in rows:
-        if r.get("note") is None and r["variant"] == "ours+ckpt" and r["batch"] not in fitted:
-            r["note"] = "checkpointing forced by memory"
+    rows, summary = summarise()
     print_table(rows, COLUMNS, title=f"Pre-training step, {args.model}, {env['device_name']}")
     print()
     for batch, entry in summary["per_batch"].items():
@@ -469,16 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                 parts.append(f"centroid S=16 costs {entry['centroid_cost_pct']:+.1f} %")
             parts.append(f"{args.epochs} epochs x {args.clips:,} clips: {entry['projection_hours_1_gpu']:.0f} h on 1 device")
             print(", ".join(parts))
-    write_result(
-        args,
-        "pretrain_step",
-        env,
-        model_config=config.to_dict(),
-        flops_per_sample=flops,
-        matmul_peak=peak,
-        rows=rows,
-        summary=summary,
-    )
+    save(complete=True)
     return 0
 
 
