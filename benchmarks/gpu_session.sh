@@ -7,7 +7,8 @@
 #
 # Needs torch, torchvision, timm, h5py and pandas (the training environment); the GPU tests also
 # need pytest: on a machine without it, `pip install --target .device-tools pytest` beforehand
-# (the folder is put on PYTHONPATH and ignored by git).
+# (on an offline machine: run that where there is network and copy the folder over); the folder
+# is put on PYTHONPATH and ignored by git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-benchmarks/out/gpu_session}}
