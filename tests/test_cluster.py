@@ -27,49 +27,50 @@ import pytest
 import torch
 import yaml
 
-from workflow_runner import REPO, small_demo_config, snakemake
+from workflow_runner import REPO, small_demo_config, snakemake, snakemake_command
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 CLUSTER = REPO / "tests" / "cluster"
-STATE = Path(os.environ.get("EQUIAV_SLURM_STATE", "/tmp/equiav-slurm"))  # as in slurm_up.sh
-DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
 FINETUNE_RUNS = ("demo_audio", "demo_visual", "demo_audiovisual")
 GPU_RULES = {"pretrain", "finetune", "retrieval"}  # the profile sends them to the `gpu` partition
 RULES = {"demo_data", "manifest", "download", "features", "availability", "norm_stats"} | GPU_RULES
 RUN_TIMEOUT_S = 900
 
 
-def _our_daemons() -> dict[str, int]:
-    """The daemons slurm_up.sh recorded as started by itself and still running: name -> pid."""
-    found = {}
-    for name in DAEMONS:
-        pidfile = STATE / "pids" / f"{name}.pid"
-        try:
-            pid = int(pidfile.read_text())
-            if Path(f"/proc/{pid}/comm").read_text().strip() == name:
-                found[name] = pid
-        except (OSError, ValueError):
-            pass
-    return found
+def _started(stdout: str | bytes | None) -> list[str]:
+    """The daemons slurm_up.sh says it started (a partial output included)."""
+    text = stdout.decode(errors="replace") if isinstance(stdout, bytes) else stdout or ""
+    return re.findall(r"^slurm_up: started (\w+)", text, re.M)
+
+
+def _stop(daemons: list[str]) -> subprocess.CompletedProcess | None:
+    if not daemons:
+        return None
+    return subprocess.run(["bash", str(CLUSTER / "slurm_down.sh"), *daemons], capture_output=True, text=True, check=False)
 
 
 @pytest.fixture(scope="module")
 def slurm_cluster():
-    """A running one-node SLURM; stops, at the end, only the daemons started here."""
+    """A running one-node SLURM; stops, at the end, only the daemons started here (also when
+    the start-up fails half-way)."""
     if os.geteuid() != 0:
         pytest.skip("needs root: tests/cluster/slurm_up.sh installs Debian packages and starts SLURM's daemons")
-    before = _our_daemons()
-    proc = subprocess.run(["bash", str(CLUSTER / "slurm_up.sh")], capture_output=True, text=True, timeout=1200, check=False)
-    if proc.returncode == 3:
-        pytest.skip(f"SLURM's Debian packages cannot be installed here: {proc.stderr.strip()}")
+    up = ["bash", str(CLUSTER / "slurm_up.sh")]
+    try:
+        proc = subprocess.run(up, capture_output=True, text=True, timeout=1200, check=False)
+    except subprocess.TimeoutExpired as timeout:
+        _stop(_started(timeout.stdout))
+        pytest.fail(f"tests/cluster/slurm_up.sh did not finish in 20 minutes:\n{timeout.stdout}\n{timeout.stderr}")
+    started = _started(proc.stdout)
     if proc.returncode != 0:
+        _stop(started)
+        if proc.returncode == 3:
+            pytest.skip(f"SLURM's Debian packages cannot be installed here: {proc.stderr.strip()}")
         pytest.fail(f"tests/cluster/slurm_up.sh failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    started = [name for name, pid in _our_daemons().items() if before.get(name) != pid]
     yield
-    if started:
-        down = subprocess.run(["bash", str(CLUSTER / "slurm_down.sh"), *started], capture_output=True, text=True, check=False)
-        assert down.returncode == 0, f"slurm_down.sh {' '.join(started)} failed:\n{down.stdout}\n{down.stderr}"
+    down = _stop(started)
+    assert down is None or down.returncode == 0, f"slurm_down.sh {' '.join(started)} failed:\n{down.stdout}\n{down.stderr}"
 
 
 @dataclass
@@ -197,14 +198,13 @@ def slurm_run(slurm_cluster, tmp_path_factory, request) -> SlurmRun:
     ]  # fmt: skip
     since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 60))
 
-    # The first run as workflow_runner.snakemake starts it, but in the background, and with
-    # SIGINT at its default (a test run in the background may inherit it ignored).
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    # The first run in the background, with SIGINT at its default (a test run in the
+    # background may inherit it ignored).
+    cmd, env = snakemake_command(*args)
     first_log = work / "first-run.log"
     with first_log.open("w") as out:
         first = subprocess.Popen(
-            [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), *args],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # no other thread runs yet
         )  # fmt: skip
     cancel: dict = {}
@@ -223,13 +223,20 @@ def slurm_run(slurm_cluster, tmp_path_factory, request) -> SlurmRun:
         _pretrain_locally(long_settings, demo, work / "reference")
         watcher.join(RUN_TIMEOUT_S)
     finally:
-        if first.poll() is None:
+        if first.poll() is None:  # something failed: the run and its jobs must not outlive the test
             first.kill()
+            first.wait()
+            for run_id in re.findall(r"SLURM run ID: (\S+)", first_log.read_text()):
+                subprocess.run(["scancel", f"--name={run_id}"], check=False)  # the plugin names jobs by run
     if "error" in cancel:
         raise cancel["error"]
+    assert "result" in cancel, (
+        f"the first run did not get to cancelling `long` and stopping in {RUN_TIMEOUT_S} s:\n{first_log.read_text()[-3000:]}"
+    )
     cancelled, seen = cancel["result"]
 
-    second = snakemake(*args)  # the workflow again: it submits `long` again, which resumes
+    # The workflow again: it submits `long` again, which resumes.
+    second = snakemake(*args, timeout=RUN_TIMEOUT_S)
     output = first_log.read_text() + second.stdout + second.stderr
     run_ids = re.findall(r"SLURM run ID: (\S+)", output)
     assert len(run_ids) == 2, f"expected two SLURM run IDs in Snakemake's output:\n{output[-3000:]}"
@@ -258,7 +265,7 @@ def test_every_rule_job_ran_as_a_completed_sbatch_job(slurm_run):
         rule = _rule_of(job["Comment"])
         assert job["Account"] == "equiav", job
         assert job["Partition"] == ("gpu" if rule in GPU_RULES else "main"), job
-        assert ("gres/gpu=1" in job["AllocTRES"]) == (rule == "pretrain"), job
+        assert ("gres/gpu=1" in job["AllocTRES"].split(",")) == (rule == "pretrain"), job
 
 
 def _normalised(path: Path, work: Path) -> str:

@@ -12,12 +12,20 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def snakemake(*args: str, cwd: Path = REPO, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``snakemake <args>`` on the project's Snakefile with this venv first on PATH."""
+def snakemake_command(*args: str, env: dict | None = None) -> tuple[list[str], dict]:
+    """The command line and environment of ``snakemake <args>`` on the project's Snakefile,
+    with this venv first on PATH."""
     env = {**os.environ, **(env or {})}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), *args], env
+
+
+def snakemake(
+    *args: str, cwd: Path = REPO, check: bool = True, env: dict | None = None, timeout: float | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``snakemake <args>`` (snakemake_command) and wait for it, at most ``timeout`` seconds."""
+    cmd, env = snakemake_command(*args, env=env)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

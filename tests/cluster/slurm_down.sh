@@ -9,19 +9,10 @@
 # Packages, configuration files and STATE (its databases make the next start quick) are kept.
 set -uo pipefail
 
-STATE=${EQUIAV_SLURM_STATE:-/tmp/equiav-slurm}
+# shellcheck source=tests/cluster/common.sh
+source "$(dirname "$0")/common.sh"  # STATE, alive, ours
 say() { echo "slurm_down: $*"; }
 [[ $(id -u) == 0 ]] || { echo "slurm_down: error: must run as root" >&2; exit 1; }
-
-alive() { # PID NAME: the process runs program NAME and is not a zombie
-  [[ -r /proc/$1/comm && $(cat /proc/"$1"/comm 2>/dev/null) == "$2" ]] || return 1
-  [[ $(awk '{print $3}' /proc/"$1"/stat 2>/dev/null) != Z ]]
-}
-
-ours() { # NAME: prints the recorded pid while that process still runs NAME
-  local pidfile=$STATE/pids/$1.pid
-  [[ -s $pidfile ]] && alive "$(<"$pidfile")" "$1" && cat "$pidfile"
-}
 
 stop() {
   local pid

@@ -15,8 +15,9 @@
 #              EQUIAV_SLURM_DB_PORT (default 3307): MariaDB on 127.0.0.1 (not 3306, so that a
 #              MariaDB the machine already runs is left alone).
 set -euo pipefail
+# shellcheck source=tests/cluster/common.sh
+source "$(dirname "$0")/common.sh"  # STATE, alive, ours
 
-STATE=${EQUIAV_SLURM_STATE:-/tmp/equiav-slurm}
 DB_PORT=${EQUIAV_SLURM_DB_PORT:-3307}
 CLUSTER=equiav-ci
 ACCOUNT=equiav
@@ -35,28 +36,18 @@ wait_until() {
   local limit=$1 what=$2 deadline=$((SECONDS + $1))
   shift 2
   until "$@" >/dev/null 2>&1; do
-    ((SECONDS < deadline)) || fail "gave up after ${limit}s waiting for $what (logs: $STATE/log)"
+    ((SECONDS < deadline)) || fail "gave up after ${limit}s waiting for $what (logs: $STATE/log, MariaDB's: $STATE/mysql-run/mariadbd.log)"
     sleep 0.3
   done
 }
 
-# alive PID NAME: the process runs program NAME and is not a zombie (the machine's init may
-# be slow to reap daemons that exited).
-alive() {
-  [[ -r /proc/$1/comm && $(cat /proc/"$1"/comm 2>/dev/null) == "$2" ]] || return 1
-  [[ $(awk '{print $3}' /proc/"$1"/stat 2>/dev/null) != Z ]]
-}
-
 gone() { ! alive "$@"; }
-
-# running NAME: the daemon recorded as started here is still alive.
-running() { [[ -s $STATE/pids/$1.pid ]] && alive "$(<"$STATE/pids/$1.pid")" "$1"; }
 
 record() { echo "$2" >"$STATE/pids/$1.pid"; say "started $1 (pid $2)"; }
 
 # restart_if_changed NAME FLAG: stop a daemon of ours whose configuration changed.
 restart_if_changed() {
-  if [[ $2 == 1 ]] && running "$1"; then
+  if [[ $2 == 1 ]] && ours "$1" >/dev/null; then
     say "configuration of $1 changed: restarting it"
     local pid
     pid=$(<"$STATE/pids/$1.pid")

@@ -132,8 +132,28 @@ def finetune_settings(run):
 
 def launcher(resources):
     """`equiav launch` for a training job: one process, torchrun with one per GPU, or one
-    torchrun per node under SLURM (equiav/launch.py)."""
-    return f"python -m equiav launch --gpus {resources['gpus']} --nodes {resources['nodes']} --"
+    torchrun per node under SLURM (equiav/launch.py).
+
+    The job's shell ignores SLURM's stop signals first, so that it outlives training, which
+    saves a checkpoint on them and exits (the shell would otherwise die first and take it along).
+    """
+    return f"trap '' TERM USR1; python -m equiav launch --gpus {resources['gpus']} --nodes {resources['nodes']} --"
+
+
+def training_threads(runs):
+    """Threads (the CPUs of each node) of a training rule over the runs table `runs`."""
+    return lambda w: max(1, runs[w.run]["resources"]["gpus"]) * runs[w.run]["resources"]["cpus_per_gpu"]
+
+
+def training_resources(runs):
+    """Resources of a training rule over the runs table `runs`. `gpu` is the job's total
+    (SLURM's --gpus): `gpus` in the config counts per node."""
+    of = lambda w: runs[w.run]["resources"]
+    return {
+        "gpu": lambda w: of(w)["gpus"] * of(w)["nodes"],
+        "nodes": lambda w: of(w)["nodes"],
+        "runtime": lambda w: of(w)["runtime"],
+    }
 
 
 def all_targets():

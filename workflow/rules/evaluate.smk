@@ -18,18 +18,13 @@ rule finetune:
         settings=lambda w: json.dumps(finetune_settings(w.run), sort_keys=True),
         work_dir=lambda w: f"{DATA}/finetune/{w.run}",
         launch=lambda w: launcher(FINETUNE[w.run]["resources"]),
-    threads: lambda w: max(1, FINETUNE[w.run]["resources"]["gpus"]) * FINETUNE[w.run]["resources"]["cpus_per_gpu"]
+    threads: training_threads(FINETUNE)
     resources:
-        # The job's total (SLURM's --gpus); `gpus` in the config counts per node.
-        gpu=lambda w: FINETUNE[w.run]["resources"]["gpus"] * FINETUNE[w.run]["resources"]["nodes"],
-        nodes=lambda w: FINETUNE[w.run]["resources"]["nodes"],
-        runtime=lambda w: FINETUNE[w.run]["resources"]["runtime"],
+        **training_resources(FINETUNE),
     wildcard_constraints:
         run=one_of(FINETUNE),
     shell:
-        # The job shell ignores SLURM's stop signals so that it outlives training, which saves a
-        # checkpoint on them and exits 143 (the shell would otherwise die first and take it along).
-        "trap '' TERM USR1; {params.launch} finetune --settings {params.settings:q} --pretrained {input.pretrained}"
+        "{params.launch} finetune --settings {params.settings:q} --pretrained {input.pretrained}"
         " --usable {input.usable} --norm-stats {input.norm} --classes {input.classes}"
         " --out {output} --work-dir {params.work_dir} 2> {log}"
 

@@ -21,17 +21,12 @@ rule pretrain:
         settings=lambda w: json.dumps(PRETRAIN[w.run]["settings"], sort_keys=True),
         work_dir=lambda w: f"{DATA}/pretrain/{w.run}",
         launch=lambda w: launcher(PRETRAIN[w.run]["resources"]),
-    threads: lambda w: max(1, PRETRAIN[w.run]["resources"]["gpus"]) * PRETRAIN[w.run]["resources"]["cpus_per_gpu"]
+    threads: training_threads(PRETRAIN)
     resources:
-        # The job's total (SLURM's --gpus); `gpus` in the config counts per node.
-        gpu=lambda w: PRETRAIN[w.run]["resources"]["gpus"] * PRETRAIN[w.run]["resources"]["nodes"],
-        nodes=lambda w: PRETRAIN[w.run]["resources"]["nodes"],
-        runtime=lambda w: PRETRAIN[w.run]["resources"]["runtime"],
+        **training_resources(PRETRAIN),
     wildcard_constraints:
         run=one_of(PRETRAIN),
     shell:
-        # The job shell ignores SLURM's stop signals so that it outlives training, which saves a
-        # checkpoint on them and exits 143 (the shell would otherwise die first and take it along).
-        "trap '' TERM USR1; {params.launch} pretrain --settings {params.settings:q} --usable {input.usable}"
+        "{params.launch} pretrain --settings {params.settings:q} --usable {input.usable}"
         " --norm-stats {input.norm} --out {output.model} --work-dir {params.work_dir} 2> {log}"
         " && cp {params.work_dir}/metrics.csv {output.history}"
