@@ -1,5 +1,7 @@
 # EquiAV end to end: official clip lists -> media -> features -> (training, evaluation, tables).
 # Run the demo with `make demo`; paper runs add `--configfile workflow/presets/<preset>.yaml`.
+import os
+
 from snakemake.utils import min_version
 
 from equiav.config import check_run_settings, validate_config
@@ -7,7 +9,11 @@ from equiav.config import check_run_settings, validate_config
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# The workflow's own config.yaml (the demo's defaults), found beside this file: a bare
+# "config.yaml" would be looked up in the working directory, and skipped without a word under
+# --directory when --configfile is given. The --configfile files are merged on top, left to
+# right (`python -m equiav validate-config` merges them the same way).
+configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 # `snakemake --report report.html` after a run: the tables, the data obtained, the curves and

@@ -43,16 +43,26 @@ def _settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", type=json.loads, required=True, help="the data set's config section, as JSON")
 
 
+def _validate_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("configs", nargs="+", type=Path, help="the files given to snakemake's --configfile, in that order")
+    p.add_argument(
+        "--replace-workflow-config",
+        action="store_true",
+        help="leave out the workflow's config.yaml, as snakemake's option of that name does",
+    )
+
+
 @command(
     "validate-config",
-    "check config files (merged left to right) against the schema",
-    lambda p: p.add_argument("configs", nargs="+", type=Path),
+    "check the configuration that `snakemake --configfile FILE...` runs with: the workflow's"
+    " config.yaml, then the FILEs left to right, merged as Snakemake merges them",
+    _validate_config_args,
 )
 def _validate_config(args: argparse.Namespace) -> int | None:
     from equiav.config import ConfigError, load_config
 
     try:
-        config = load_config(*args.configs)
+        config = load_config(*args.configs, workflow_config=not args.replace_workflow_config)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
@@ -79,15 +89,21 @@ def _fetch(args: argparse.Namespace) -> None:
 
 
 def _fetch_archive_args(p: argparse.ArgumentParser) -> None:
-    _options("--url", "--out-dir")(p)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--url", help="where to download the archive from")
+    source.add_argument("--path", help="a local archive file (zip or tar[.gz]) to unpack instead")
+    p.add_argument("--out-dir", required=True)
     p.add_argument("--sha256", help="expected SHA-256 of the archive")
 
 
-@command("fetch-archive", "download, check and unpack a data set archive", _fetch_archive_args)
+@command("fetch-archive", "download (or take a local file), check and unpack a data set archive", _fetch_archive_args)
 def _fetch_archive(args: argparse.Namespace) -> None:
-    from equiav.data.archives import fetch_archive
+    from equiav.data.archives import fetch_archive, unpack_local_archive
 
-    fetch_archive(args.url, args.out_dir, sha256=args.sha256)
+    if args.path is not None:
+        unpack_local_archive(args.path, args.out_dir, sha256=args.sha256)
+    else:
+        fetch_archive(args.url, args.out_dir, sha256=args.sha256)
 
 
 def _manifest_args(p: argparse.ArgumentParser) -> None:
@@ -160,6 +176,29 @@ def _availability(args: argparse.Namespace) -> None:
         raise SystemExit("--features and --h5 must list the same shards in the same order")
     status, usable = gather(args.manifest, args.downloads, args.features, args.h5)
     write_availability(args.dataset, status, usable, args.out_dir)
+
+
+def _transient_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results_dir", type=Path, help="the workflow's results_dir (default config: results)")
+    p.add_argument("--dataset", action="append", help="only this data set (repeatable; default: all)")
+
+
+@command(
+    "transient",
+    "print the download status files of shards with transient clips, for `snakemake --forcerun`",
+    _transient_args,
+)
+def _transient(args: argparse.Namespace) -> None:
+    from equiav.data.availability import transient_shards
+
+    pending = transient_shards(args.results_dir, args.dataset)
+    for path in pending:
+        print(path)
+    shards = len(pending)
+    logging.getLogger("equiav.transient").info(
+        "%d transient clip(s) in %d shard(s)%s", sum(pending.values()), shards,
+        ": `snakemake ... --forcerun <these files>` fetches them again" if shards else "",
+    )  # fmt: skip
 
 
 def _norm_args(p: argparse.ArgumentParser) -> None:

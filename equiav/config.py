@@ -15,6 +15,8 @@ import jsonschema
 import yaml
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+# The workflow's own configuration (the demo), which the Snakefile loads before any --configfile.
+WORKFLOW_CONFIG = Path(__file__).resolve().parents[1] / "config.yaml"
 
 
 class ConfigError(ValueError):
@@ -71,6 +73,10 @@ def _describe(error: jsonschema.ValidationError, root: dict) -> str:
         unknown = sorted(set(error.instance) - set(allowed))
         hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
         return f"config key {where!r}: unknown key(s) {', '.join(map(repr, unknown))}{hint}"
+    alternatives = [sub.get("required") for sub in error.validator_value] if error.validator == "anyOf" else []
+    if alternatives and all(len(keys or []) == 1 for keys in alternatives):
+        keys = " or ".join(f"`{keys[0]}`" for keys in alternatives)
+        return f"config key {where!r}: give {keys} ({' '.join(str(schema.get('description', '')).split())})"
     if error.validator == "oneOf" and isinstance(error.instance, dict):
         return f"config key {where!r}: give exactly one of `lists` (clip lists) or `generate` (a data set the pipeline makes)"
     text = f"config key {where!r}: {error.message}"
@@ -112,7 +118,7 @@ def _semantic_problems(config: dict) -> list[str]:
             problems.append(f"config key 'datasets.{name}': data set names may hold only letters, digits, '_' and '-'")
         for i, entry in enumerate(dataset.get("lists", [])):
             if "path" not in entry and "url" not in entry:
-                problems.append(f"config key 'datasets.{name}.lists.{i}': give `path` (a local file) or `url` (to fetch it)")
+                problems.append(f"config key 'datasets.{name}.lists.{i}': give `path` (a local file, or folder for speechcommands) or `url` (to fetch it)")
             if entry["format"] == "audioset" and "split" not in entry:
                 problems.append(f"config key 'datasets.{name}.lists.{i}': an audioset list needs `split` (e.g. train or eval)")
         classes = dataset.get("classes", {})
@@ -148,20 +154,31 @@ def check_run_settings(config: dict) -> None:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
-def load_config(*paths: str | Path) -> dict:
-    """Merge YAML files left to right (as Snakemake's --configfile does) and validate the result."""
-    config: dict = {}
+def load_config(*paths: str | Path, workflow_config: bool = True) -> dict:
+    """The configuration `snakemake --configfile <paths>` runs with, validated.
+
+    As Snakemake builds it: the user's files merged left to right, then laid over the workflow's
+    own config.yaml (WORKFLOW_CONFIG; left out with ``workflow_config=False``, Snakemake's
+    --replace-workflow-config). Merging is Snakemake's own: mappings are merged key by key,
+    any other value (lists included) replaces the earlier one.
+    """
+    from snakemake.common.configfile import load_configfile
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import update_config
+
+    given: dict = {}
     for path in paths:
-        with open(path) as f:
-            _merge(config, yaml.safe_load(f) or {})
+        try:
+            update_config(given, load_configfile(str(path)))
+        except WorkflowError as e:  # neither YAML nor JSON, or not a mapping
+            raise ConfigError(f"{path}: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror}") from None
+    config = copy.deepcopy(given)
+    if workflow_config:
+        # Snakemake's `configfile:` directive: the workflow's file, then the given ones on top.
+        update_config(config, load_configfile(str(WORKFLOW_CONFIG)))
+        update_config(config, copy.deepcopy(given))
     validate_config(config)
     check_run_settings(config)
     return config
-
-
-def _merge(base: dict, update: dict) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = copy.deepcopy(value)

@@ -1,21 +1,29 @@
 """A loopback HTTP server for download tests: byte ranges (ffmpeg seeks with them) and faults.
 
 Paths (relative to the served folder):
-    /<file>             the file, with Range support
-    /missing/<file>     404 Not Found
-    /flaky<N>/<file>    429 Too Many Requests for the first N requests of that path, then the file
-    /slow/<file>        the file, each response delayed by ``delay`` seconds
-Every request is recorded in ``requests`` as (path, Range header).
+    /<file>               the file, with Range support
+    /missing/<file>       404 Not Found
+    /status<C>/<file>     HTTP status C (404, 410, 429, 500, 503, ...) on every request
+    /fail<C>x<N>/<file>   HTTP status C for the first N requests of that path, then the file
+    /flaky<N>/<file>      429 Too Many Requests for the first N requests of that path, then the file
+    /drop/<file>          the headers of the whole file, half of the body, then the connection closes
+    /html/<file>          200 with an HTML page instead of the media (a login wall or an error page)
+    /slow/<file>          the file, each response delayed by ``delay`` seconds
+Every request is recorded in ``requests`` as (path, Range header). :func:`refused_url` gives a
+URL on which nothing listens (connection refused).
 """
 
 from __future__ import annotations
 
 import http.server
 import re
+import socket
 import threading
 import time
 from collections import Counter
 from pathlib import Path
+
+_HTML = b"<!DOCTYPE html><html><head><title>Sign in</title></head><body><p>Please sign in.</p></body></html>\n"
 
 
 class MediaServer:
@@ -66,12 +74,18 @@ class MediaServer:
                     server._counts[path] += 1
                     count = server._counts[path]
                 parts = path.strip("/").split("/")
-                name = parts[-1]
-                if parts[0] == "missing":
+                name, fault = parts[-1], parts[0] if len(parts) > 1 else ""
+                if fault == "missing":
                     return self.send_error(404)
-                if (m := re.fullmatch(r"flaky(\d+)", parts[0])) and count <= int(m.group(1)):
+                if m := re.fullmatch(r"status(\d{3})", fault):
+                    return self.send_error(int(m.group(1)))
+                if (m := re.fullmatch(r"fail(\d{3})x(\d+)", fault)) and count <= int(m.group(2)):
+                    return self.send_error(int(m.group(1)))
+                if (m := re.fullmatch(r"flaky(\d+)", fault)) and count <= int(m.group(1)):
                     return self.send_error(429)
-                if parts[0] == "slow":
+                if fault == "html":
+                    return self._send(200, "text/html", _HTML if body else b"", len(_HTML))
+                if fault == "slow":
                     time.sleep(server.delay)
                 file = server.root / name
                 if not file.is_file():
@@ -87,17 +101,30 @@ class MediaServer:
                     self.send_header("Content-Range", f"bytes {first}-{last}/{size}")
                 else:
                     self.send_response(200)
+                with open(file, "rb") as f:
+                    f.seek(first)
+                    data = f.read(last - first + 1) if body else b""
+                if fault == "drop":
+                    data = data[: len(data) // 2]
+                    self.close_connection = True
                 self.send_header("Content-Type", "video/mp4")
                 self.send_header("Accept-Ranges", "bytes")
                 self.send_header("Content-Length", str(last - first + 1))
                 self.end_headers()
-                if body:
-                    with open(file, "rb") as f:
-                        f.seek(first)
-                        try:
-                            self.wfile.write(f.read(last - first + 1))
-                        except (BrokenPipeError, ConnectionResetError):
-                            pass  # the client stopped reading (ffmpeg often does)
+                self._write(data)
+
+            def _send(self, code: int, kind: str, data: bytes, length: int) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
+                self._write(data)
+
+            def _write(self, data: bytes) -> None:
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client stopped reading (ffmpeg often does)
 
         return Handler
 
@@ -106,4 +133,12 @@ def served_path(url: str) -> str:
     return "/" + url.split("/", 3)[3]
 
 
-__all__ = ["MediaServer", "served_path"]
+def refused_url(name: str = "clip.mp4") -> str:
+    """An http URL on a loopback port that nothing listens on: connection refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{name}"
+
+
+__all__ = ["MediaServer", "refused_url", "served_path"]

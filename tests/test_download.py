@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 
 from equiav.data import status as st
-from equiav.data.download import DownloadSettings, ShardDownloader, classify_error, download_shard, source_kind
+from equiav.data.download import DownloadSettings, FetchError, ShardDownloader, download_shard, source_kind
 from equiav.data.media import check_media
+from equiav.data.status import classify_error
 from conftest import make_clip
 from media_server import MediaServer
 
@@ -102,7 +103,7 @@ def test_every_clip_gets_the_right_status(served, tmp_path):
         info, present = check_media(file)
         assert info.has_audio and info.has_video
         # The segment (3 s) plus the margin on each side, within a keyframe's slack.
-        assert present >= SEGMENT[1] - SEGMENT[0]
+        assert min(present.values()) >= SEGMENT[1] - SEGMENT[0]
     assert by_id.loc["good", "offset"] == pytest.approx(1.0)  # start - (start - margin)
     assert by_id.loc["local", "file"] == str(served / "good3.mp4")  # local files are used in place
     assert by_id.loc["local", "offset"] == SEGMENT[0]
@@ -222,3 +223,176 @@ def test_cookies_are_used_through_a_private_copy(served, tmp_path):
         )
     assert rows["status"].tolist() == [st.OK]
     assert cookies.read_text() == text  # yt-dlp rewrote only its copy
+
+
+# --- behaviours a user meets on real sources ---------------------------------------------
+
+
+def test_a_segment_that_starts_after_the_margin_is_cut_at_the_right_offset(tmp_path, frame_number):
+    """Nearly every YouTube segment starts well into its video: the fetched file begins
+    `margin` seconds before the segment, and the recorded offset finds the segment in it,
+    even between keyframes (one every 2 s here)."""
+    from equiav.data.media import decode_clip
+
+    numbered = make_clip(tmp_path / "numbered.mp4", 10.0, fps=25, size=(128, 128), numbered=True)
+    gop = tmp_path / "served"
+    gop.mkdir()
+    # Re-encode with a keyframe every 50 frames, so that the cut cannot fall on one by luck.
+    from equiav.data.media import ffmpeg_exe
+
+    subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-i", str(numbered), "-c:v", "libx264", "-preset", "ultrafast", "-crf", "12",
+         "-g", "50", "-c:a", "copy", str(gop / "numbered.mp4")],
+        check=True,
+    )  # fmt: skip
+    start = 3.32  # frame 83 at 25 fps, between the keyframes at 2 s and 4 s
+    with MediaServer(gop) as server:
+        clips = _clips([("late", f"{server.url}/numbered.mp4")]).assign(start=start, end=start + 2.0)
+        row = ShardDownloader(tmp_path / "media", _fast(margin=1.0)).run(clips).iloc[0]
+    assert row["status"] == st.OK
+    assert row["offset"] == pytest.approx(1.0)
+    decoded = decode_clip(row["file"], row["offset"], 2.0, num_frames=10, frame_size=128)
+    # Frame k is the source's frame at start + 0.2 k seconds: 83, 88, 93, ... at 25 fps.
+    assert [frame_number(f) for f in decoded.frames] == [83 + 5 * k for k in range(10)]
+
+
+def test_a_server_error_then_success_in_the_same_job(served, tmp_path):
+    with MediaServer(served) as server:
+        rows = ShardDownloader(tmp_path / "media", _fast()).run(_clips([("c", f"{server.url}/fail500x1/good.mp4")]))
+    assert rows["status"].tolist() == [st.OK] and rows["attempts"].tolist() == [2]
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_a_transient_failure_is_attempted_retries_plus_one_times(served, tmp_path, retries):
+    pauses: list[float] = []
+    with MediaServer(served) as server:
+        downloader = ShardDownloader(tmp_path / "media", _fast(retries=retries, backoff_seconds=1.0), sleep=pauses.append)
+        rows = downloader.run(_clips([("c", f"{server.url}/status503/good.mp4")]))
+    assert rows["status"].tolist() == [st.OTHER] and not rows["final"].iloc[0]
+    assert rows["attempts"].tolist() == [retries + 1]
+    # Exponential back-off with +-20 % jitter between the attempts.
+    assert len(pauses) == retries
+    for i, pause in enumerate(pauses):
+        assert 0.8 * 2**i <= pause <= 1.2 * 2**i
+
+
+YOUTUBE_IDS = [f"yt{i:09d}" for i in range(12)]  # 11 characters: YouTube ids, never fetched here
+
+
+def _youtube_clips(ids: list[str]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [{"clip_id": f"{i}_000001", "source": i, "start": 1.0, "end": 4.0, "labels": "a", "split": "train"} for i in ids]
+    )
+
+
+@pytest.fixture
+def youtube(monkeypatch, tmp_path, served):
+    """YouTube as a fake: each id answers with the outcome in `answers` (default: a good clip).
+    The block marker lives under a private cache folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    answers: dict[str, str] = {}
+    asked: list[str] = []
+
+    def fake_fetch(self, clip, kind, start, end, tmp):
+        assert kind == "youtube"
+        asked.append(clip["source"])
+        outcome = answers.get(clip["source"], st.OK)
+        if outcome == st.SIGN_IN:
+            raise FetchError(st.SIGN_IN, "[youtube] x: Sign in to confirm you're not a bot")
+        if outcome == st.RATE_LIMITED:
+            raise FetchError(st.RATE_LIMITED, "HTTP Error 429: Too Many Requests")
+        copy = tmp / "clip.mp4"
+        copy.write_bytes((served / "good.mp4").read_bytes())
+        return copy, start
+
+    monkeypatch.setattr(ShardDownloader, "_fetch", fake_fetch)
+    return answers, asked
+
+
+def test_sign_in_stays_transient_and_is_asked_again(youtube, tmp_path):
+    answers, asked = youtube
+    answers[YOUTUBE_IDS[0]] = st.SIGN_IN
+    clips = _youtube_clips(YOUTUBE_IDS[:2])
+    rows = ShardDownloader(tmp_path / "media", _fast()).run(clips).set_index("source")
+    assert rows.loc[YOUTUBE_IDS[0], "status"] == st.SIGN_IN and not rows.loc[YOUTUBE_IDS[0], "final"]
+    assert rows.loc[YOUTUBE_IDS[0], "attempts"] == 1  # not retried in the job: asking again at once does not help
+    del answers[YOUTUBE_IDS[0]]
+    asked.clear()
+    rows = ShardDownloader(tmp_path / "media", _fast()).run(clips).set_index("source")
+    assert asked == [YOUTUBE_IDS[0]]  # the final clip is skipped, the transient one asked again
+    assert rows["status"].tolist() == [st.OK, st.OK]
+
+
+@pytest.mark.parametrize("answer", [st.SIGN_IN, st.RATE_LIMITED])
+def test_a_bot_check_streak_stops_the_asking(youtube, tmp_path, caplog, answer):
+    answers, asked = youtube
+    ok_first = YOUTUBE_IDS[:2]
+    for i in YOUTUBE_IDS[2:]:
+        answers[i] = answer
+    # One good clip inside the streak starts the count again.
+    answers[YOUTUBE_IDS[4]] = st.OK
+    settings = _fast(workers=1, retries=0, block_after=3)
+    with caplog.at_level("ERROR"):
+        rows = ShardDownloader(tmp_path / "media", settings).run(_youtube_clips(YOUTUBE_IDS)).set_index("source")
+    # good, good, blocked, blocked, good, blocked x3 -> stop; the 4 after it are never asked.
+    assert asked == YOUTUBE_IDS[:8]
+    assert (rows.loc[ok_first + [YOUTUBE_IDS[4]], "status"] == st.OK).all()
+    untried = rows.loc[YOUTUBE_IDS[8:]]
+    assert (untried["status"] == answer).all() and (untried["attempts"] == 0).all() and not untried["final"].any()
+    assert untried["detail"].str.startswith("not tried").all()
+    assert len(rows) == len(YOUTUBE_IDS)  # every clip has its one row
+    advice = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert "YouTube is refusing this host" in advice and "4 clip(s)" in advice
+    for hint in ("download.cookies", "sleep_seconds", "--forcerun", "equiav transient"):
+        assert hint in advice
+
+    # The next job on this host does not ask YouTube while the block is fresh...
+    asked.clear()
+    rows = ShardDownloader(tmp_path / "other", settings).run(_youtube_clips(YOUTUBE_IDS[:3])).set_index("source")
+    assert asked == [] and (rows["status"] == answer).all() and (rows["attempts"] == 0).all()
+    # ...and asks again once the pause is over (here: no pause).
+    answers.clear()
+    rows = ShardDownloader(tmp_path / "other", _fast(block_after=3, block_pause_minutes=0)).run(
+        _youtube_clips(YOUTUBE_IDS[:3])
+    )
+    assert rows["status"].tolist() == [st.OK] * 3
+
+
+def test_block_after_zero_never_stops(youtube, tmp_path):
+    answers, asked = youtube
+    for i in YOUTUBE_IDS[:6]:
+        answers[i] = st.SIGN_IN
+    ShardDownloader(tmp_path / "media", _fast(workers=1, block_after=0)).run(_youtube_clips(YOUTUBE_IDS[:6]))
+    assert asked == YOUTUBE_IDS[:6]
+
+
+@pytest.mark.parametrize("clip_id", ["..", ".", ".hidden", "a/b"])
+def test_an_unsafe_clip_id_stops_the_shard_before_anything_is_touched(served, tmp_path, clip_id):
+    """A hostile id in a hand-edited shard: the job fails with the reason and deletes nothing."""
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "journal.csv").write_text("kept\n")
+    (media / ".partial").mkdir()
+    (media / ".partial" / "x").write_text("kept\n")
+    clips = _clips([("fine", str(served / "good.mp4")), (clip_id, str(served / "good2.mp4"))])
+    with pytest.raises(ValueError, match="not safe file names.*rebuild the manifest"):
+        ShardDownloader(media, _fast()).run(clips)
+    assert (media / "journal.csv").read_text() == "kept\n" and (media / ".partial" / "x").exists()
+
+
+def test_attempt_folders_are_the_downloaders_own(served, tmp_path, monkeypatch):
+    """Attempts work in folders made for them, whatever the clip id says; only those are removed."""
+    made: list[Path] = []
+    real_fetch = ShardDownloader._fetch
+
+    def spy(self, clip, kind, start, end, tmp):
+        made.append(tmp)
+        return real_fetch(self, clip, kind, start, end, tmp)
+
+    monkeypatch.setattr(ShardDownloader, "_fetch", spy)
+    media = tmp_path / "media"
+    with MediaServer(served) as server:
+        rows = ShardDownloader(media, _fast()).run(_clips([("partial", f"{server.url}/good.mp4")]))
+    assert rows["status"].tolist() == [st.OK]
+    assert len(made) == 1 and made[0].parent == media / ".partial" and made[0].name.startswith("attempt-")
+    assert sorted(p.name for p in media.iterdir()) == ["journal.csv", "partial.mp4"]

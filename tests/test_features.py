@@ -20,7 +20,7 @@ import torchaudio
 from equiav.data import features
 from equiav.data.features import FeatureSettings, extract_shard, fbank
 from equiav.data.media import decode_clip
-from equiav.data.status import DECODE_ERROR, NO_AUDIO, NO_VIDEO, OK, TOO_SHORT
+from equiav.data.status import DECODE_ERROR, FINAL, NO_AUDIO, NO_VIDEO, OK, SILENT, TOO_SHORT
 from equiav.data.store import FeatureDataset, ShardWriter, read_index
 
 SETTINGS = FeatureSettings()
@@ -139,6 +139,25 @@ def test_unexpected_errors_are_recorded_not_raised(mixed_downloads, tmp_path, mo
     assert result["status"].tolist() == [OK, DECODE_ERROR]
     assert result["detail"].iloc[1] == "RuntimeError: disk hiccup on good2"
     assert list(read_index(tmp_path / "s.h5")["clip_id"]) == ["good1"]
+
+
+def test_silence_is_its_own_final_outcome(clip_factory, tmp_path):
+    """All-zero audio would give a constant fbank at the log floor: it is left out as `silent`.
+    Very quiet sound (noise at -70 dBFS, ten times the threshold) is still data."""
+    downloads = downloads_table(
+        [
+            {"clip_id": "zeros", "file": clip_factory("zeros.mp4", 1.5, audio_expr="0")},
+            {"clip_id": "quiet", "file": clip_factory("quiet.wav", 1.5, audio_expr="0.0003*sin(2*PI*440*t)", with_video=False)},
+            {"clip_id": "loud", "file": clip_factory("loud.mp4", 1.5)},
+        ]
+    )
+    result = extract_shard(downloads, tmp_path / "s.h5", FeatureSettings(target_frames=160, num_frames=0))
+    statuses = dict(zip(result["clip_id"], result["status"], strict=True))
+    assert statuses == {"zeros": SILENT, "quiet": OK, "loud": OK}
+    assert SILENT in FINAL
+    assert "silence" in result.set_index("clip_id").loc["zeros", "detail"]
+    assert list(read_index(tmp_path / "s.h5")["clip_id"]) == ["quiet", "loud"]
+    assert features.SILENCE_PEAK == pytest.approx(1e-4)  # docs/data.md states this threshold
 
 
 def test_no_good_clip_still_gives_a_valid_empty_shard(mixed_downloads, tmp_path):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,10 @@ import torch.multiprocessing as mp
 import torchvision.io
 from torch.utils.data import DataLoader, DistributedSampler
 
+from equiav.augment import IMAGENET_MEAN, IMAGENET_STD
 from equiav.data.features import FeatureSettings
 from equiav.data.store import ShardWriter
+from equiav.eval.metrics import mean_average_precision, top1_accuracy
 from equiav.model import EquiAV, EquiAVClassifier, ModelConfig
 from equiav.train import finetune as ft
 from equiav.train.checkpoint import export_weights, load_weights
@@ -65,14 +68,28 @@ def prevalence(split: str) -> np.ndarray:
     return counts / SPLIT_SIZES[split]
 
 
-def _jpeg(rng: np.random.Generator) -> bytes:
-    image = torch.from_numpy(rng.integers(0, 256, size=(3, FEATURES.frame_size, FEATURES.frame_size), dtype=np.uint8))
+def _jpeg(rng: np.random.Generator, size: int = FEATURES.frame_size) -> bytes:
+    image = torch.from_numpy(rng.integers(0, 256, size=(3, size, size), dtype=np.uint8))
     return bytes(torchvision.io.encode_jpeg(image, quality=90).numpy())
 
 
-def build_eval_data(root: Path, seed: int = 0) -> EvalData:
-    """Two shards of clips whose fbank carries a class-specific band, random JPEG frames, the
-    usable/classes/norm files of the pipeline, and an exported tiny EquiAV."""
+def _grey_jpeg(level: int, size: int = FEATURES.frame_size) -> bytes:
+    """A flat grey JPEG of ``level`` (decodes back to within +-2 at quality 95)."""
+    image = torch.full((3, size, size), level, dtype=torch.uint8)
+    return bytes(torchvision.io.encode_jpeg(image, quality=95).numpy())
+
+
+def build_eval_data(
+    root: Path,
+    seed: int = 0,
+    *,
+    features: FeatureSettings = FEATURES,
+    frame_jpeg: Callable[[np.random.Generator, int], bytes] | None = None,
+) -> EvalData:
+    """Two shards of clips whose fbank carries a class-specific band, JPEG frames (random unless
+    ``frame_jpeg(rng, frame index)`` makes them), the usable/classes/norm files of the pipeline,
+    and an exported tiny EquiAV."""
+    make_frame = frame_jpeg or (lambda rng, k: _jpeg(rng, features.frame_size))
     rng = np.random.default_rng(seed)
     rows = []
     for split, count in SPLIT_SIZES.items():
@@ -82,12 +99,12 @@ def build_eval_data(root: Path, seed: int = 0) -> EvalData:
     usable = []
     for name, shard_rows in shards.items():
         path = root / name
-        with ShardWriter(path, FEATURES) as writer:
+        with ShardWriter(path, features) as writer:
             for clip_id, split, labels, cls in shard_rows:
-                fbank = rng.normal(-5.0, 2.0, size=(FEATURES.target_frames, FEATURES.num_mel_bins))
+                fbank = rng.normal(-5.0, 2.0, size=(features.target_frames, features.num_mel_bins))
                 fbank[:, cls * 8 : cls * 8 + 8] += 4.0  # learnable from audio
-                frames = [_jpeg(rng) for _ in range(FEATURES.num_frames)]
-                writer.add(clip_id, split, labels, fbank, FEATURES.target_frames, frames, 16000, 10.0, 0.64)
+                frames = [make_frame(rng, k) for k in range(features.num_frames)]
+                writer.add(clip_id, split, labels, fbank, features.target_frames, frames, 16000, 10.0, 0.64)
                 usable.append({"clip_id": clip_id, "source": "x", "start": 0, "end": 1, "labels": labels,
                                "split": split, "h5": str(path)})  # fmt: skip
     pd.DataFrame(usable).to_csv(root / "usable.csv", index=False)
@@ -96,7 +113,7 @@ def build_eval_data(root: Path, seed: int = 0) -> EvalData:
     )
     (root / "norm_stats.json").write_text(json.dumps(NORM))
     config = ModelConfig.tiny(
-        audio_frames=FEATURES.target_frames, audio_freq_bins=FEATURES.num_mel_bins, image_size=FEATURES.frame_size
+        audio_frames=features.target_frames, audio_freq_bins=features.num_mel_bins, image_size=features.frame_size
     )
     torch.manual_seed(seed)
     export_weights(EquiAV(config), root / "model.pt", config=config.to_dict(), extra={"norm": dict(NORM)})
@@ -416,6 +433,102 @@ def test_spec_augment_applies_in_training_only(
     assert len(training) == 3 and sum(a.shape[0] for a in evaluation) == 13
     assert all(masked_frames(a) == 0 for a in evaluation)
     assert (sum(masked_frames(a) for a in training) > 0) == specaugment
+
+
+# --------------------------------------------------------------------------- what evaluation feeds and reports
+
+# The production frame count: method.md section 2 stores 10 frames (frame k at time k*T/10) and
+# evaluates on frame 5 (index 5 of 0..9, time T/2). With the 3 frames of the other tests n // 2
+# and (n - 1) // 2 are both index 1; with 10 they split (5 vs 4), so this count pins the frame.
+TEN_FRAMES = replace(FEATURES, num_frames=10)
+EVAL_FRAME = 5
+
+
+def frame_level(k: int) -> int:
+    """The grey level of stored frame k: 20 apart, far beyond JPEG's +-2."""
+    return 25 + 20 * k
+
+
+@pytest.fixture(scope="module")
+def ten_frame_data(tmp_path_factory: pytest.TempPathFactory) -> EvalData:
+    return build_eval_data(
+        tmp_path_factory.mktemp("tenframes"), features=TEN_FRAMES, frame_jpeg=lambda rng, k: _grey_jpeg(frame_level(k))
+    )
+
+
+def test_evaluation_feeds_frame_5_of_the_10_stored_frames(
+    ten_frame_data: EvalData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[torch.Tensor] = []
+    forward = EquiAVClassifier.forward
+
+    def recording_forward(
+        self: EquiAVClassifier, audio: torch.Tensor | None = None, visual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if not self.training:
+            seen.append(visual.detach().clone())
+        return forward(self, audio=audio, visual=visual)
+
+    monkeypatch.setattr(EquiAVClassifier, "forward", recording_forward)
+    # Through main(): the trainer's choice of frame mode and the reader's choice of index together.
+    settings = {**SMOKE, "modality": "visual", "epochs": 1, "mixup": 0.0, "eval_frames": "middle",
+                "train_splits": ["train"], "eval_splits": ["test"]}  # fmt: skip
+    assert run_main(ten_frame_data, tmp_path, settings)[0] == 0
+    visual = torch.cat(seen)
+    assert visual.shape == (13, 3, TEN_FRAMES.frame_size, TEN_FRAMES.frame_size)  # one frame per clip
+    # Undo the ImageNet normalisation: the grey level the model saw, per clip.
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    levels = (visual * std + mean) * 255
+    nearest = [min(range(10), key=lambda k: abs(float(level.mean()) - frame_level(k))) for level in levels]
+    assert nearest == [EVAL_FRAME] * 13
+    assert float((levels - frame_level(EVAL_FRAME)).abs().max()) < 3  # that frame, unaltered
+
+
+def test_spc_v1_is_scored_by_accuracy_although_it_trains_multilabel(
+    data: EvalData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fixed evaluation scores, recognised by each clip's first fbank row: clip k predicts one of
+    # its labels unless k % 4 == 3 (top-1 accuracy 10/13), at a clip-specific offset that scrambles
+    # the order within each class (mAP about 0.58), so the two metrics cannot be confused.
+    inputs = ft.DatasetInputs.load(data.usable, data.classes, data.norm)
+    test_set = inputs.dataset(["test"], frame="middle")
+    designed: dict[tuple[float, ...], torch.Tensor] = {}
+    for item in test_set:
+        k = int(item["clip_id"].split("_")[1])
+        labels = [CLASSES.index(name) for name in clip_labels(k)]
+        predicted = labels[0] if k % 4 != 3 else next(c for c in range(len(CLASSES)) if c not in labels)
+        offset = 3.0 * ((7 * k) % 13) / 13 - 1.5
+        logits = torch.full((len(CLASSES),), offset - 1.0)
+        logits[predicted] = offset
+        designed[tuple(item["fbank"][0].tolist())] = logits
+    assert len(designed) == SPLIT_SIZES["test"]  # every clip recognisable by its first row
+    expected_accuracy = 10 / 13
+    scores = torch.sigmoid(torch.stack(list(designed.values())))
+    targets = torch.stack([item["label"] for item in test_set])
+    assert top1_accuracy(scores, targets) == pytest.approx(expected_accuracy)
+    assert abs(mean_average_precision(scores, targets) - expected_accuracy) > 0.1  # the metrics really differ
+
+    forward = EquiAVClassifier.forward
+
+    def designed_forward(
+        self: EquiAVClassifier, audio: torch.Tensor | None = None, visual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.training:
+            return forward(self, audio=audio, visual=visual)
+        return torch.stack([designed[tuple(row.tolist())] for row in audio[:, 0]])
+
+    monkeypatch.setattr(EquiAVClassifier, "forward", designed_forward)
+    recipe = FinetuneSettings.recipe("spc_v1")
+    assert (recipe.task, recipe.metric) == ("multilabel", "accuracy")  # BCE training, accuracy reported
+    settings = {"recipe": "spc_v1", "epochs": 1, "batch_size": 6, "num_workers": 0,
+                "train_splits": ["train"], "eval_splits": ["test"]}  # fmt: skip
+    code, metrics = run_main(data, tmp_path, settings)
+    assert code == 0 and metrics is not None
+    assert metrics["settings"]["task"] == "multilabel"
+    assert metrics["metric"] == "accuracy"
+    assert metrics["value"] == pytest.approx(expected_accuracy)
+    assert metrics["history"][-1]["value"] == pytest.approx(expected_accuracy)
 
 
 # --------------------------------------------------------------------------- balanced sampler

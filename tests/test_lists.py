@@ -13,10 +13,12 @@ import pytest
 
 from equiav.data.lists import (
     MANIFEST_COLUMNS,
+    MAX_CLIP_ID_LENGTH,
     ListError,
     ListProblem,
     ParsedList,
     check_bad_fraction,
+    check_clip_id,
     classes_from_labels,
     combine_lists,
     read_audioset_classes,
@@ -37,6 +39,9 @@ VGGSOUND_TEST = DATA / "vggsound_test_excerpt.csv"
 VGGSOUND_4COL = DATA / "vggsound_4col_excerpt.csv"
 ESC50 = DATA / "esc50_excerpt.csv"
 SAFE_ID = re.compile(r"[A-Za-z0-9_.-]+\Z")
+ID_RULE = (
+    "a clip id names files, so it must be 1 to 200 characters of A-Z a-z 0-9 _ . - and must not start with '.'"
+)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +77,7 @@ def _row(parsed: ParsedList, clip_id: str) -> dict:
 
 def _check_schema(manifest: pd.DataFrame) -> None:
     assert tuple(manifest.columns) == MANIFEST_COLUMNS
-    assert all(SAFE_ID.match(c) for c in manifest["clip_id"])
+    assert all(SAFE_ID.match(c) and check_clip_id(c) is None for c in manifest["clip_id"])
     assert manifest["start"].dtype == "float64" and manifest["end"].dtype == "float64"
 
 
@@ -487,13 +492,263 @@ def test_user_list_bad_rows(tmp_path: Path) -> None:
     assert parsed.manifest["clip_id"].tolist() == ["ok1", "ok2"]
     assert parsed.rows_read == 8  # the comment, header and blank lines are not rows
     assert [(p.line, p.problem) for p in parsed.problems] == [
-        (4, "clip_id 'not ok' may only contain A-Z a-z 0-9 _ . -"),
+        (4, f"clip_id 'not ok' contains ' ': {ID_RULE}"),
         (5, "empty source"),
         (7, "start 5 is not before end 2"),
         (8, "empty labels"),
         (9, "expected 6 fields like the header, found 5"),
         (10, "empty split"),
     ]
+
+
+# ---------------------------------------------------------------------------------------
+# Clip ids are safe file names
+
+
+@pytest.mark.parametrize("clip_id", ["a", "A-1_b.c", "a..", "-", "_", "x.", "x" * MAX_CLIP_ID_LENGTH])
+def test_check_clip_id_accepts_safe_file_names(clip_id: str) -> None:
+    assert check_clip_id(clip_id) is None
+
+
+@pytest.mark.parametrize(
+    ("clip_id", "reason"),
+    [
+        ("..", "starts with '.'"),  # the media folder's parent: the download stage deleted a shard's data
+        (".", "starts with '.'"),
+        (".hidden", "starts with '.'"),
+        ("a b", "contains ' '"),
+        ("../x", "contains '/'"),
+        ("a\\b", "contains '\\\\'"),
+        ("caf\u00e9", "contains '\u00e9'"),
+        ("x" * (MAX_CLIP_ID_LENGTH + 1), "is 201 characters long"),
+    ],
+)
+def test_check_clip_id_refuses_unsafe_names(clip_id: str, reason: str) -> None:
+    problem = check_clip_id(clip_id)
+    assert problem is not None and reason in problem and problem.endswith(ID_RULE)
+
+
+def test_check_clip_id_refuses_empty_and_non_text() -> None:
+    assert check_clip_id("") == "empty clip_id"
+    assert check_clip_id(float("nan")).startswith("clip_id nan is a float, not text")  # an empty cell read by pandas
+    assert MAX_CLIP_ID_LENGTH == 200
+
+
+def test_user_list_refuses_ids_that_are_not_safe_file_names(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "mine.csv",
+        USER_HEADER  # 1
+        + "ok1,/a.wav,0,,dog,train\n"  # 2
+        + "..,/b.wav,0,,dog,train\n"  # 3
+        + ".,/c.wav,0,,dog,train\n"  # 4
+        + ".hidden,/d.wav,0,,dog,train\n"  # 5
+        + f"{'x' * 201},/e.wav,0,,dog,train\n"  # 6
+        + f"{'y' * 200},/f.wav,0,,dog,train\n",  # 7 just short enough
+    )
+    parsed = read_user_list(path)
+    assert parsed.manifest["clip_id"].tolist() == ["ok1", "y" * 200]
+    assert [p.line for p in parsed.problems] == [3, 4, 5, 6]
+    assert parsed.problems[0].problem == f"clip_id '..' starts with '.': {ID_RULE}"
+    assert "201 characters long" in parsed.problems[3].problem
+
+
+def test_esc50_ids_from_awkward_file_names_are_safe(tmp_path: Path) -> None:
+    long_name = "z" * 201 + ".wav"
+    csv_path = _write(
+        tmp_path / "esc50.csv",
+        "filename,fold,target,category\n"  # 1
+        ".hidden.wav,1,0,Dog\n"  # 2
+        "...wav,1,0,Dog\n"  # 3
+        f"{long_name},1,0,Dog\n"  # 4
+        "a b.wav,1,0,Dog\n",  # 5
+    )
+    audio = tmp_path / "audio"
+    _write_wav(audio / "a b.wav")
+    parsed, _ = read_esc50(csv_path, audio)
+    _check_schema(parsed.manifest)
+    assert parsed.manifest["clip_id"].tolist() == ["_hidden", "_.", "a_b"]
+    assert parsed.manifest["source"].iloc[0] == str(audio / ".hidden.wav")  # the file keeps its name
+    assert [p.line for p in parsed.problems] == [4]
+    assert f"filename {long_name!r} gives no usable clip id" in parsed.problems[0].problem
+    assert "is 201 characters long" in parsed.problems[0].problem
+
+
+def test_speech_commands_too_long_file_name_is_reported(tmp_path: Path) -> None:
+    _speech_commands(tmp_path)
+    long_wav = tmp_path / "yes" / ("a" * 200 + ".wav")  # id yes_aaa... is 204 characters
+    _write_wav(long_wav)
+    parsed, _ = read_speech_commands(tmp_path)
+    _check_schema(parsed.manifest)
+    assert len(parsed.manifest) == 7 and parsed.rows_read == 8
+    assert [(p.file, p.line) for p in parsed.problems] == [(str(long_wav), 0)]
+    assert "is 204 characters long" in parsed.problems[0].problem
+
+
+def test_youtube_lists_refuse_starts_that_make_too_long_ids(tmp_path: Path) -> None:
+    audioset = _write(tmp_path / "a.csv", '--PJHxphWEs, 1e250, 2e250, "/m/09x0r"\n--PJHxphWEs, 30, 40, "/m/09x0r"\n')
+    parsed = read_audioset_segments(audioset, "train", None)
+    assert parsed.manifest["clip_id"].tolist() == ["--PJHxphWEs_000030"]
+    assert [p.line for p in parsed.problems] == [1]
+    assert parsed.problems[0].problem.startswith("start 1e250 is too large: clip_id '--PJHxphWEs_")
+    # A 400-digit start is infinite as a float: it once crashed the parser.
+    test_list = _write(tmp_path / "t.csv", f"--PJHxphWEs_{'9' * 400}.mp4,dog\n--PJHxphWEs_{'9' * 250}.mp4,dog\n")
+    parsed = read_vggsound_test_list(test_list, "test", None)
+    assert len(parsed.manifest) == 0
+    assert [p.line for p in parsed.problems] == [1, 2]
+    assert all("is too large" in p.problem for p in parsed.problems)
+    # In VGGSound's lists a start that large already loses its 10 s (see the zero-length test).
+    full = _write(tmp_path / "v.csv", "--PJHxphWEs,1e250,dog,train\n--PJHxphWEs,30,dog,train\n")
+    parsed = read_vggsound_list(full, None)
+    assert parsed.manifest["clip_id"].tolist() == ["--PJHxphWEs_000030"]
+    assert [p.line for p in parsed.problems] == [1]
+    assert parsed.problems[0].problem == "start 1e250 is too large: the 10 s clip from it would have no length"
+
+
+# ---------------------------------------------------------------------------------------
+# Every physical line is parsed on its own
+
+
+def test_a_stray_quote_is_one_problem_and_the_following_lines_are_read(tmp_path: Path) -> None:
+    lines = ["clip_id,source,start,end,labels,split"] + [f"c{i},/c{i}.wav,0,,dog,train" for i in range(2, 202)]
+    lines[150] = 'c151,/c151.wav,0,,"dog,train'  # line 151; the next quote is on line 201
+    lines[200] = 'c201,/c201.wav,0,,"dog",train'
+    parsed = read_user_list(_write(tmp_path / "mine.csv", "\n".join(lines) + "\n"))
+    assert len(parsed.manifest) == 199 and parsed.rows_read == 200
+    assert [(p.line, p.problem) for p in parsed.problems] == [
+        (151, "unbalanced quoting: a '\"' opens a quoted field that this line does not close (no field of "
+         "these lists spans lines); close the quote or remove it")
+    ]  # fmt: skip
+    assert parsed.origin["line"].tolist() == [n for n in range(2, 202) if n != 151]
+    assert parsed.manifest["clip_id"].iloc[-1] == "c201"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "text", "lines_kept"),
+    [
+        (
+            "audioset",
+            "# YTID, \"start_seconds, end_seconds, positive_labels\n"  # 1 a comment, even with a stray quote
+            '--PJHxphWEs, 30.000, 40.000, "/m/09x0r,/t/dd00088\n'  # 2
+            '--ZhevVpy1s, 50.000, 60.000, "/m/012xff"\n'  # 3
+            '--aE2O5G5WE, 0.000, 10.000, "/m/03fwl"\n',  # 4
+            [3, 4],
+        ),
+        ("vggsound", '---g-f_I2yQ,1,"people, marching,test\n--9O4XZOge4,30,"people marching",train\n', [2]),
+        ("vggsound_test", '"glLQrEijrKg_000300.mp4,organ\r\nLDoXsip0BEQ_000177.mp4,"dog"\r\n', [2]),
+        ("user", USER_HEADER + 'a,/a.wav,0,,"dog,train\nb,/b.wav,0,,dog,train', [3]),  # no final newline
+        ("user", USER_HEADER + 'a,/a.wav,0,,dog,train\nb,/b.wav,0,,"dog,train', [2]),  # the last line
+        ("user", USER_HEADER + '"\na,/a.wav,0,,dog,train\n', [3]),  # a lone quote is not a blank line
+    ],
+)
+def test_unbalanced_quoting_in_each_format(tmp_path: Path, fmt: str, text: str, lines_kept: list[int]) -> None:
+    path = _write(tmp_path / "list.csv", text)
+    readers = {
+        "audioset": lambda: read_audioset_segments(path, "train", None),
+        "vggsound": lambda: read_vggsound_list(path, None),
+        "vggsound_test": lambda: read_vggsound_test_list(path, "test", None),
+        "user": lambda: read_user_list(path),
+    }
+    parsed = readers[fmt]()
+    assert parsed.origin["line"].tolist() == lines_kept
+    assert len(parsed.problems) == 1 and parsed.problems[0].problem.startswith("unbalanced quoting")
+    assert parsed.rows_read == len(lines_kept) + 1
+
+
+def test_unbalanced_quoting_in_esc50(tmp_path: Path) -> None:
+    csv_path = _write(
+        tmp_path / "esc50.csv",
+        "filename,fold,target,category\n"
+        '1-100-A-0.wav,1,0,"Dog\n'  # 2
+        "1-100-B-0.wav,1,0,Dog\n"  # 3
+        '1-101-A-1.wav,2,1,"Rooster"\n',  # 4
+    )
+    _write_wav(tmp_path / "audio" / "1-101-A-1.wav")
+    parsed, classes = read_esc50(csv_path, tmp_path / "audio")
+    assert parsed.manifest["clip_id"].tolist() == ["1-100-B-0", "1-101-A-1"]
+    assert [p.line for p in parsed.problems] == [2]
+    assert parsed.problems[0].problem.startswith("unbalanced quoting")
+    assert classes["id"].tolist() == ["Dog", "Rooster"]
+
+
+def test_unbalanced_quoting_in_a_header_or_class_table_stops(tmp_path: Path) -> None:
+    user = _write(tmp_path / "mine.csv", '"clip_id,source,start,end,labels,split\na,/a.wav,0,,dog,train\n')
+    with pytest.raises(ListError, match=r"mine\.csv: line 1: cannot read the header: unbalanced quoting"):
+        read_user_list(user)
+    classes = _write(tmp_path / "classes.csv", 'index,mid,display_name\n0,/m/09x0r,"Speech\n1,/m/0x,"Male"\n')
+    with pytest.raises(ListError, match=r"classes\.csv: line 2: unbalanced quoting.*class table must be complete"):
+        read_audioset_classes(classes)
+
+
+def test_a_line_the_csv_module_refuses_is_one_problem(tmp_path: Path) -> None:
+    huge = "x" * (csv.field_size_limit() + 1)
+    path = _write(tmp_path / "v.csv", f"---g-f_I2yQ,1,{huge},test\n--9O4XZOge4,30,dog,train\n")
+    parsed = read_vggsound_list(path, None)
+    assert parsed.origin["line"].tolist() == [2]
+    assert [p.line for p in parsed.problems] == [1]
+    assert parsed.problems[0].problem.startswith("cannot be read as CSV (field larger than field limit")
+
+
+def test_bom_comments_and_blank_lines_keep_physical_line_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "mine.csv"
+    path.write_text(
+        "\ufeff# mine\r\n" + USER_HEADER + "\r\n  \r\n" + 'a, /a.wav, 0, , "dog, cat", train\r\n', encoding="utf-8"
+    )
+    parsed = read_user_list(path)
+    assert parsed.problems == []
+    assert parsed.origin["line"].tolist() == [5]
+    assert parsed.manifest[["clip_id", "source", "labels"]].iloc[0].tolist() == ["a", "/a.wav", "dog, cat"]
+
+
+# ---------------------------------------------------------------------------------------
+# Over-long YouTube ids and zero-length segments
+
+
+@pytest.mark.parametrize("ytid", ["--PJHxphWEs1", "--PJHxphWE", "--PJHx.hWEs"])
+def test_youtube_ids_must_have_11_characters_in_every_youtube_format(tmp_path: Path, ytid: str) -> None:
+    good = "--ZhevVpy1s"
+    official = _write(
+        tmp_path / "official.csv", f'{ytid}, 30.000, 40.000, "/m/09x0r"\n{good}, 30.000, 40.000, "/m/09x0r"\n'
+    )
+    resaved = _write(
+        tmp_path / "resaved.csv",
+        f"YTID,start_seconds,end_seconds,positive_labels\n{ytid},30.0,40.0,/m/09x0r\n{good},30.0,40.0,/m/09x0r\n",
+    )
+    full = _write(tmp_path / "full.csv", f"{ytid},30,dog,train\n{good},30,dog,train\n")
+    test = _write(tmp_path / "test.csv", f"{ytid}_000030.mp4,dog\n{good}_000030.mp4,dog\n")
+    classes = classes_from_labels(["/m/09x0r"])
+    for parsed, bad_line in (
+        (read_audioset_segments(official, "train", classes), 1),  # the known-label fast path
+        (read_audioset_segments(official, "train", None), 1),
+        (read_audioset_segments(resaved, "train", classes), 2),
+        (read_vggsound_list(full, None), 1),
+        (read_vggsound_test_list(test, "test", None), 1),
+    ):
+        assert parsed.manifest["source"].tolist() == [good]
+        assert [p.line for p in parsed.problems] == [bad_line]
+        assert f"malformed YouTube id {ytid!r}" in parsed.problems[0].problem
+
+
+def test_zero_length_segments_are_refused(tmp_path: Path) -> None:
+    official = _write(tmp_path / "a.csv", '--PJHxphWEs, 30.000, 30.000, "/m/09x0r"\n--PJHxphWEs, 30, 40, "/m/09x0r"\n')
+    resaved = _write(tmp_path / "b.csv", "--PJHxphWEs,30.0,30,/m/09x0r\n--PJHxphWEs,30.0,40.0,/m/09x0r\n")
+    for path in (official, resaved):
+        for classes in (None, classes_from_labels(["/m/09x0r"])):
+            parsed = read_audioset_segments(path, "train", classes)
+            assert parsed.manifest["end"].tolist() == [40.0]
+            assert [p.line for p in parsed.problems] == [1]
+            assert parsed.problems[0].problem.startswith("zero-length segment: start 30")
+    user = _write(tmp_path / "mine.csv", USER_HEADER + "a,/a.wav,2.5,2.5,dog,train\nb,/b.wav,2.5,,dog,train\n")
+    parsed = read_user_list(user)
+    assert parsed.manifest["clip_id"].tolist() == ["b"]
+    assert [(p.line, p.problem) for p in parsed.problems] == [
+        (2, "zero-length segment: start 2.5 equals end 2.5; give an end after the start")
+    ]
+    # VGGSound's end is start + 10 s: at a start of 1e20 the 10 s are lost to rounding.
+    full = _write(tmp_path / "v.csv", "--PJHxphWEs,1e20,dog,train\n--PJHxphWEs,1e15,dog,train\n")
+    parsed = read_vggsound_list(full, None)
+    assert parsed.manifest["end"].tolist() == [1e15 + 10]
+    assert [p.line for p in parsed.problems] == [1]
+    assert "would have no length" in parsed.problems[0].problem
 
 
 # ---------------------------------------------------------------------------------------

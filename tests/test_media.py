@@ -93,7 +93,26 @@ def test_probe_rejects_unreadable_files(tmp_path):
 def test_check_media_accepts_a_complete_file(clip_factory):
     info, present = check_media(clip_factory("ok.mp4", 2.0))
     assert info.has_audio and info.has_video
-    assert present == pytest.approx(2.0, abs=0.1)
+    assert present["audio"] == pytest.approx(2.0, abs=0.1)
+    assert present["video"] == pytest.approx(2.0, abs=0.1)
+
+
+def test_check_media_measures_each_stream(clip_factory):
+    """Coverage is per stream: a long video does not hide a short audio track, nor the reverse."""
+    _, present = check_media(clip_factory("short_audio.mp4", 1.5, video_seconds=4.0))
+    assert present["audio"] == pytest.approx(1.5, abs=0.1) and present["video"] == pytest.approx(4.0, abs=0.1)
+    _, present = check_media(clip_factory("short_video.mp4", 4.0, video_seconds=1.5))
+    assert present["audio"] == pytest.approx(4.0, abs=0.1) and present["video"] == pytest.approx(1.5, abs=0.1)
+    _, present = check_media(clip_factory("audio.wav", 2.0, with_video=False))
+    assert present == {"audio": pytest.approx(2.0, abs=0.01), "video": 0.0}
+
+
+def test_check_media_reads_a_window(clip_factory):
+    """With a start and a duration only that part is read, timed from the start."""
+    _, present = check_media(clip_factory("long.mp4", 6.0), 2.0, 3.0)
+    assert present["audio"] == pytest.approx(3.0, abs=0.1) and present["video"] == pytest.approx(3.0, abs=0.1)
+    _, present = check_media(clip_factory("tail.mp4", 4.0), 2.5, 3.0)  # the window runs past the end
+    assert present["audio"] == pytest.approx(1.5, abs=0.1)
 
 
 @pytest.mark.parametrize("faststart", [True, False])

@@ -196,3 +196,20 @@ def test_ablation_preset_plans_every_run_tables_4_to_8_need(tmp_path):
     for key in ("table1", "table4", "table8"):
         assert f"results/tables/{key}.md" in out
     assert "results/tables/demo.md" not in out
+
+
+def test_a_data_only_run_writes_the_tables_with_its_clips(tmp_path):
+    """No metrics file at all (the `tables` rule then passes an empty --metrics): the main tables
+    with the paper's numbers and empty cells, and the clips obtained of every data set."""
+    results = tmp_path / "results"
+    availability(results, "audioset")
+    availability(results, "mine")  # a user's data set, which no table reads
+    out = tmp_path / "tables"
+    files = [str(results / name / "availability.csv") for name in ("audioset", "mine")]
+    assert tables.main(["--metrics", "--availability", *files, "--out-dir", str(out)]) == 0
+    index = (out / "tables.md").read_text()
+    assert "| audioset | balanced_train | 100 | 90 | 90.0 |" in index and "| mine | eval | 50 | 45 | 90.0 |" in index
+    cells = pd.read_csv(out / "table1.csv")
+    assert cells["ours"].isna().all() and cells["paper"].notna().any()
+    assert "| audioset | eval | 50 | 45 | 90.0 |" in (out / "table1.md").read_text()
+    assert not (out / "demo.md").exists()

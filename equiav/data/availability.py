@@ -99,6 +99,7 @@ def availability_markdown(dataset: str, table: pd.DataFrame) -> str:
     header = "| split | " + " | ".join(map(str, wide.columns)) + " |"
     rule = "|" + "---|" * (len(wide.columns) + 1)
     rows = ["| " + " | ".join(map(str, (split, *values))) + " |" for split, *values in wide.itertuples()]
+    transient = int(wide.loc["all", [s for s in wide.columns if s in st.VOCABULARY and s not in st.FINAL]].sum())
     lines = [
         f"# Availability of {dataset}",
         "",
@@ -111,7 +112,33 @@ def availability_markdown(dataset: str, table: pd.DataFrame) -> str:
         *rows,
         "",
     ]
+    if transient:
+        lines += [
+            f"{transient} clip(s) failed for a passing reason (sign-in, rate-limited, other) and may still be had:",
+            "run the workflow again with `--forcerun $(python -m equiav transient <results_dir>)` (docs/data.md).",
+            "",
+        ]
     return "\n".join(lines)
+
+
+def transient_shards(results_dir: str | Path, datasets: list[str] | None = None) -> dict[Path, int]:
+    """The download status files under ``results_dir`` whose shard holds transient clips
+    (download or feature outcome not final), with how many: forcing these jobs again
+    (``snakemake --forcerun``) retries exactly those clips, the final ones being skipped."""
+    results_dir = Path(results_dir)
+    pending: dict[Path, int] = {}
+    for download in sorted(results_dir.glob("*/download/*.csv")):
+        if datasets and download.parent.parent.name not in datasets:
+            continue
+        outcomes = pd.read_csv(download, dtype=str, keep_default_na=False).set_index("clip_id")["status"]
+        extracted = download.parent.parent / "features" / download.name
+        if extracted.exists():
+            features = pd.read_csv(extracted, dtype=str, keep_default_na=False).set_index("clip_id")["status"]
+            outcomes.update(features)  # a clip's outcome is its feature stage's once it was downloaded
+        count = int((~outcomes.isin(st.FINAL)).sum())
+        if count:
+            pending[download] = count
+    return pending
 
 
 def write_availability(dataset: str, status: pd.DataFrame, usable: pd.DataFrame, out_dir: str | Path) -> None:

@@ -18,7 +18,9 @@ import os
 import random
 import re
 import shutil
+import socket
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +32,9 @@ from typing import Any, Callable
 import pandas as pd
 
 from equiav.data import status as st
-from equiav.data.media import MediaError, check_media, ffmpeg_bin_dir, probe
+from equiav.data.lists import check_clip_id
+from equiav.data.media import MediaError, check_media, ffmpeg_bin_dir
+from equiav.data.status import classify_error
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,8 @@ class DownloadSettings:
     cookies: str | None = None
     format: str = "bv*[height<=360]+ba/b[height<=360]/wv*+ba/w"
     socket_timeout: float = 30.0
+    block_after: int = 5
+    block_pause_minutes: float = 360.0
     need_audio: bool = True
     need_video: bool = True
 
@@ -71,33 +77,6 @@ class FetchError(Exception):
         super().__init__(f"{status}: {detail}")
         self.status = status
         self.detail = detail
-
-
-# yt-dlp reports failures as text; these patterns map them onto the vocabulary. The first
-# match wins, so the specific ones come first.
-_ERROR_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
-    (status, re.compile(pattern, re.IGNORECASE))
-    for status, pattern in (
-        (st.RATE_LIMITED, r"HTTP Error 429|Too Many Requests|rate.?limit|try again later"),
-        (st.SIGN_IN, r"Sign in to confirm|confirm your age|age.restricted|login required|cookies .*authenticat|not a bot"),
-        (st.PRIVATE, r"private video|video is private"),
-        (st.GEO_BLOCKED, r"not (made this video )?available in your country|geo.?restrict|blocked it in your country"),
-        (
-            st.UNAVAILABLE,
-            r"HTTP Error 40[0134]|HTTP Error 410|Video unavailable|has been removed|no longer available|"
-            r"account .*terminated|does not exist|404 Not Found|Unsupported URL|Incomplete YouTube ID|"
-            r"This video is unavailable|members-only|premieres in|No such file or directory",
-        ),
-        (st.DECODE_ERROR, r"Invalid data found|moov atom not found|Output file is empty"),
-    )
-)
-
-
-def classify_error(message: str) -> str:
-    for status, pattern in _ERROR_PATTERNS:
-        if pattern.search(message):
-            return status
-    return st.OTHER
 
 
 def source_kind(source: str) -> str:
@@ -139,8 +118,10 @@ class ShardDownloader:
         self.settings = settings
         self.sleep = sleep
         self.journal_path = self.media_dir / "journal.csv"
+        # Attempts work in private folders under here; no clip id can name it (ids are never hidden).
         self.tmp_root = self.media_dir / ".partial"
         self._lock = threading.Lock()
+        self._block = YouTubeBlock(settings)
 
     # -- journal -------------------------------------------------------------------------
     def load_journal(self) -> dict[str, dict]:
@@ -176,20 +157,31 @@ class ShardDownloader:
         """Fetch every clip not already final; return one status row per clip of ``clips``."""
         if self.settings.cookies and not os.path.isfile(self.settings.cookies):
             raise FileNotFoundError(f"the cookies file {self.settings.cookies!r} (download.cookies) does not exist")
+        # Ids name files here: refuse the shard before touching anything if one is unsafe.
+        unsafe = [(cid, problem) for cid in clips["clip_id"] if (problem := check_clip_id(cid))]
+        if unsafe:
+            raise ValueError(
+                f"{len(unsafe)} clip id(s) of the shard are not safe file names (first: {unsafe[0][1]}); "
+                "shards come from the manifest stage, which refuses such ids: rebuild the manifest"
+            )
         self.media_dir.mkdir(parents=True, exist_ok=True)
-        # Anything under .partial belongs to attempts that never finished: never reuse it.
+        # Anything under .partial belongs to attempts of this downloader that never finished.
         shutil.rmtree(self.tmp_root, ignore_errors=True)
         self.tmp_root.mkdir()
         _put_ffmpeg_on_path()
         done = self.load_journal()
         todo = [row for row in clips.to_dict("records") if not self._is_done(done.get(row["clip_id"]))]
         log.info("%d clips in shard, %d already final, %d to fetch", len(clips), len(clips) - len(todo), len(todo))
+        self._block.load()
         with ThreadPoolExecutor(max_workers=self.settings.workers) as pool:
             for i, row in enumerate(pool.map(self.fetch_clip, todo), 1):
                 if i % 50 == 0 or i == len(todo):
                     log.info("fetched %d/%d (last: %s %s)", i, len(todo), row["clip_id"], row["status"])
         shutil.rmtree(self.tmp_root, ignore_errors=True)
         final = self.load_journal()
+        untried = sum(1 for clip_id in clips["clip_id"] if final[clip_id]["attempts"] == "0")
+        if self._block.active and untried:
+            log.error("%s", self._block.advice(untried))
         table = pd.DataFrame([final[clip_id] for clip_id in clips["clip_id"]], columns=list(STATUS_COLUMNS))
         # The journal is text: give the columns their types back.
         table["final"] = table["final"].astype(str) == "True"
@@ -200,8 +192,16 @@ class ShardDownloader:
 
     def fetch_clip(self, clip: dict) -> dict:
         """Fetch one clip with retries for transient failures; journal and return its row."""
+        youtube = source_kind(clip["source"]) == "youtube"
         attempts = 0
+        file, offset, duration = "", float("nan"), float("nan")
         while True:
+            if youtube and self._block.active:
+                # Asking again would only deepen the block: the clip stays transient (untried,
+                # or with the answer of its last attempt).
+                if not attempts:
+                    outcome, detail = self._block.status, self._block.not_tried()
+                break
             attempts += 1
             if self.settings.sleep_seconds:
                 self.sleep(self.settings.sleep_seconds)
@@ -209,15 +209,17 @@ class ShardDownloader:
                 file, offset, duration = self._attempt(clip)
                 outcome, detail = st.OK, ""
             except FetchError as e:
-                outcome, detail, file, offset, duration = e.status, e.detail, "", float("nan"), float("nan")
+                outcome, detail = e.status, e.detail
             except Exception as e:  # a bug or an unexpected library error: recorded, not fatal to the shard
                 log.exception("unexpected error on %s", clip["clip_id"])
-                outcome, detail, file, offset, duration = st.OTHER, f"{type(e).__name__}: {e}", "", float("nan"), float("nan")
+                outcome, detail = st.OTHER, f"{type(e).__name__}: {e}"
             if outcome not in st.RETRY_IN_JOB or attempts > self.settings.retries:
                 break
             pause = self.settings.backoff_seconds * 2 ** (attempts - 1) * random.uniform(0.8, 1.2)
             log.warning("%s: %s (%s); retrying in %.1f s", clip["clip_id"], outcome, detail[:200], pause)
             self.sleep(pause)
+        if youtube and attempts:
+            self._block.note(outcome)
         row = {
             "clip_id": clip["clip_id"], "split": clip["split"], "labels": clip["labels"],
             "source": clip["source"], "status": outcome, "final": outcome in st.FINAL,
@@ -244,15 +246,17 @@ class ShardDownloader:
                 raise FetchError(st.UNAVAILABLE, f"no such file: {clip['source']}")
             self._validate(clip["source"], start, duration)
             return clip["source"], start, duration
-        tmp = self.tmp_root / clip["clip_id"]
+        # A folder of its own, never one named after the clip: whatever an id says, the
+        # cleanup below removes only what this attempt created.
+        tmp = Path(tempfile.mkdtemp(prefix="attempt-", dir=self.tmp_root))
         try:
-            fetched, offset = self._fetch(clip, kind, start, end, tmp)
-            self._validate(str(fetched), offset, duration)
-        except FetchError as e:
-            if kind == "youtube" or e.status not in (st.OTHER, st.TOO_SHORT):
-                raise
-            raise self._diagnose_source(clip["source"], start, end, e) from None
-        else:
+            try:
+                fetched, offset = self._fetch(clip, kind, start, end, tmp)
+                self._validate(str(fetched), offset, duration)
+            except FetchError as e:
+                if kind == "youtube" or e.status not in (st.OTHER, st.TOO_SHORT, st.DECODE_ERROR):
+                    raise
+                raise self._diagnose_source(clip["source"], start, duration, e) from None
             # Only complete, validated media ever appear under their final name.
             file = self.media_dir / f"{clip['clip_id']}{fetched.suffix}"
             os.replace(fetched, file)
@@ -260,34 +264,28 @@ class ShardDownloader:
             shutil.rmtree(tmp, ignore_errors=True)
         return str(file), offset, duration
 
-    def _diagnose_source(self, url: str, start: float, end: float | None, error: FetchError) -> FetchError:
-        """Tell a damaged source from a transient failure or a short video by probing the URL itself.
+    def _diagnose_source(self, url: str, start: float, duration: float, error: FetchError) -> FetchError:
+        """Decide a failed fetch from a URL by checking the source itself over the segment.
 
-        A cut that ffmpeg could not make, or media shorter than the segment, may come from a
-        truncated file: then the source either cannot be opened, or declares a duration that
-        covers the segment while holding less. Both are final (decode-error); anything else
-        keeps the original outcome.
+        The fetched copy may be bad for a passing reason (a connection dropped mid-body, a
+        server error) or because the source is: ffmpeg reads the segment straight from the
+        URL, and its verdict (damaged, short, gone, or a network fault, which stays
+        transient) is the clip's. A source that reads fine means the copy was at fault:
+        transient, retried.
         """
         try:
-            declared = probe(url).duration
-        except MediaError as e:
-            if classify_error(e.detail) == st.UNAVAILABLE:  # gone (404, no such file), not damaged
-                return FetchError(st.UNAVAILABLE, e.detail)
-            if e.status == st.DECODE_ERROR:
-                return FetchError(st.DECODE_ERROR, f"the source cannot be read: {e.detail}")
-            return error
-        needed = end if end is not None else start
-        if error.status == st.TOO_SHORT and declared is not None and declared >= needed:
-            return FetchError(st.DECODE_ERROR, f"the source declares {declared:.2f} s but holds less ({error.detail}): truncated")
-        return error
+            self._validate(url, 0.0, duration, seek=start)
+        except FetchError as verdict:
+            if verdict.status == st.DECODE_ERROR:
+                return FetchError(st.DECODE_ERROR, f"the source itself is damaged: {verdict.detail}")
+            return verdict
+        return FetchError(st.OTHER, f"the fetched copy was unusable ({error.detail}) but the source reads fine")
 
     def _fetch(self, clip: dict, kind: str, start: float, end: float | None, tmp: Path) -> tuple[Path, float]:
         """Fetch with yt-dlp into the folder ``tmp``; return the file and the segment's offset in it."""
         import yt_dlp
         from yt_dlp.utils import download_range_func
 
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         s = self.settings
         url = f"https://www.youtube.com/watch?v={clip['source']}" if kind == "youtube" else clip["source"]
         options: dict[str, Any] = {
@@ -331,26 +329,105 @@ class ShardDownloader:
             raise FetchError(st.OTHER, f"yt-dlp reported success but wrote no file (id {info.get('id') if info else '?'})")
         return max(files, key=lambda p: p.stat().st_size), offset
 
-    def _validate(self, file: str, offset: float, duration: float) -> None:
-        """Reject media that cannot serve the clip: unreadable, missing a stream, or too short."""
+    def _validate(self, file: str, offset: float, duration: float, seek: float = 0.0) -> None:
+        """Reject media that cannot serve the clip: unreadable, missing a stream, or too short.
+
+        Each stream the data set needs (``modalities``) must cover ``min_coverage`` of the
+        segment, which starts ``offset`` seconds into the media; ``seek`` > 0 checks only the
+        media from that time on (a source URL, read over the segment alone).
+        """
+        length = None if seek <= 0 or pd.isna(duration) else duration
         try:
-            info, present = check_media(file)
+            info, present = check_media(file, seek, length)
         except MediaError as e:
             raise FetchError(e.status, e.detail) from None
         s = self.settings
+        needed = [kind for kind, need in (("audio", s.need_audio), ("video", s.need_video)) if need]
         if s.need_audio and not info.has_audio:
             raise FetchError(st.NO_AUDIO, "the media has no audio stream")
         if s.need_video and not info.has_video:
             raise FetchError(st.NO_VIDEO, "the media has no video stream")
-        if present <= 0:
-            raise FetchError(st.TOO_SHORT, "the media holds no samples (an empty stream)")
-        if not pd.isna(duration):
-            covered = max(0.0, present - offset)
-            if covered < s.min_coverage * duration:
-                raise FetchError(
-                    st.TOO_SHORT,
-                    f"media covers {covered:.2f} s of the {duration:.2f} s segment (min_coverage {s.min_coverage})",
-                )
+        for kind in needed:
+            if present[kind] <= 0:
+                raise FetchError(st.TOO_SHORT, f"the media holds no samples (an empty {kind} stream)")
+            if not pd.isna(duration):
+                covered = max(0.0, present[kind] - offset)
+                if covered < s.min_coverage * duration:
+                    raise FetchError(
+                        st.TOO_SHORT,
+                        f"the {kind} covers {covered:.2f} s of the {duration:.2f} s segment (min_coverage {s.min_coverage})",
+                    )
+
+
+class YouTubeBlock:
+    """Whether YouTube is refusing this host, so that no more clips are asked for.
+
+    A sign-in (bot check) or rate-limit answer on ``block_after`` YouTube clips in a row is
+    about the address, not the clips: the downloader stops asking, and records the rest as
+    not tried (transient). The block is remembered for ``block_pause_minutes`` in a marker
+    file of this host under the user's cache, so that the shard jobs after this one do not
+    ask either.
+    """
+
+    def __init__(self, settings: DownloadSettings):
+        self.settings = settings
+        self.status: str | None = None
+        self.since = ""
+        self._streak = 0
+        self._lock = threading.Lock()
+
+    @property
+    def active(self) -> bool:
+        return self.status is not None
+
+    @staticmethod
+    def marker() -> Path:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return Path(cache) / "equiav" / f"youtube-blocked-{socket.gethostname()}"
+
+    def load(self) -> None:
+        """Take over a block that an earlier job on this host recorded, while it is fresh."""
+        marker = self.marker()
+        pause = self.settings.block_pause_minutes * 60
+        try:
+            age = time.time() - marker.stat().st_mtime
+            status, since = marker.read_text().split()[:2]
+        except (OSError, ValueError):
+            return
+        if age < pause and status in st.BLOCKED:
+            self.status, self.since = status, since
+            log.warning(
+                "YouTube answered %s on this host at %s; no YouTube clip is asked for until %.0f min have passed "
+                "(delete %s, or set download.block_pause_minutes: 0, to try sooner)",
+                status, since, self.settings.block_pause_minutes, marker,
+            )  # fmt: skip
+
+    def note(self, outcome: str) -> None:
+        """Count a YouTube clip's outcome; start the block after ``block_after`` in a row."""
+        with self._lock:
+            self._streak = self._streak + 1 if outcome in st.BLOCKED else 0
+            if self.status is None and 0 < self.settings.block_after <= self._streak:
+                self.status, self.since = outcome, _now()
+                marker = self.marker()
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(f"{self.status} {self.since}\n")
+
+    def not_tried(self) -> str:
+        return (
+            f"not tried: YouTube answered {self.status} to {self.settings.block_after} clips in a row on this host "
+            f"(since {self.since}), a block of the address, not of the clip"
+        )
+
+    def advice(self, untried: int) -> str:
+        return (
+            f"YouTube is refusing this host ({self.status} on {self.settings.block_after} clips in a row, since "
+            f"{self.since}): stopped asking; every finished clip is kept and {untried} clip(s) of this shard are "
+            f"recorded as {self.status}, not tried (transient). Wait a few hours, give a cookies.txt in "
+            "download.cookies, or lower the rate (download.workers: 1, download.sleep_seconds); then retry the "
+            "transient clips as docs/data.md says (snakemake ... --forcerun $(python -m equiav transient RESULTS_DIR)). "
+            f"Other jobs on this host skip YouTube for {self.settings.block_pause_minutes:g} min "
+            f"(download.block_pause_minutes; the marker is {self.marker()})"
+        )
 
 
 class _YtdlpLogger:

@@ -25,10 +25,10 @@ import torch
 from torchaudio.compliance import kaldi
 
 from equiav.data.media import DecodedClip, MediaError, decode_clip
-from equiav.data.status import DECODE_ERROR, OK, TOO_SHORT
+from equiav.data.status import DECODE_ERROR, OK, SILENT, TOO_SHORT
 from equiav.data.store import ShardWriter
 
-__all__ = ["FeatureSettings", "extract_shard", "fbank"]
+__all__ = ["SILENCE_PEAK", "FeatureSettings", "extract_shard", "fbank"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ _WINDOW_SECONDS = 0.025
 _REQUIRED_COLUMNS = ("clip_id", "split", "labels", "status", "file", "offset", "duration")
 # A progress line every this many clips (and one at the end).
 _LOG_EVERY = 100
+# A clip whose audio never reaches this amplitude (-80 dBFS, about three steps of 16-bit
+# audio) is silent: its fbank would be constant at the log floor, nothing to learn from.
+# Quiet recordings (AudioSet's "Silence" class included) have room noise far above it.
+SILENCE_PEAK = 1e-4
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,9 @@ def _extract_clip(clip: Any, settings: FeatureSettings) -> _Outcome:
         )
         if decoded.waveform.size < _window_samples(settings):
             raise MediaError(TOO_SHORT, f"{decoded.waveform.size} audio samples, less than one fbank window")
+        peak = float(np.abs(decoded.waveform).max())
+        if peak < SILENCE_PEAK:
+            raise MediaError(SILENT, f"the audio never exceeds {peak:.1e} (silence: below {SILENCE_PEAK:g}, -80 dBFS)")
         feats, real = fbank(decoded.waveform, settings)
     except MediaError as err:
         log.warning("clip %s: %s", clip.clip_id, err)

@@ -6,6 +6,17 @@ Every parser returns a :class:`ParsedList`: the usable rows as a manifest DataFr
 dropped and reported, never silently; a file that cannot be used at all raises
 :class:`ListError`.
 
+No field of the supported formats spans lines, so every physical line is parsed on its
+own: a line whose quoting is unbalanced (a ``"`` that opens a field the line does not
+close) is one problem on that line, and the next line is read normally. Lines starting
+with ``#`` and blank lines are skipped; a UTF-8 BOM is ignored; spaces after a comma are
+skipped (the official AudioSet ``", "`` separators).
+
+Clip ids name files and folders in the later stages, so every id a parser makes passes
+:func:`check_clip_id`: 1 to :data:`MAX_CLIP_ID_LENGTH` characters of A-Z a-z 0-9 _ . -,
+not starting with ``.`` (so never ``.``, ``..`` or a hidden name). YouTube segments
+need a start ``>= 0`` and an end after it (a zero-length segment is a problem).
+
 Parsers do not deduplicate: :func:`combine_lists` is the one place where clip ids become
 unique, so that the configured duplicate policy also covers repeats inside one file. Pass
 every parsed list through it, even a single one.
@@ -20,7 +31,7 @@ import csv
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +40,11 @@ import pandas as pd
 
 __all__ = [
     "MANIFEST_COLUMNS",
+    "MAX_CLIP_ID_LENGTH",
     "ListError",
     "ListProblem",
     "ParsedList",
+    "check_clip_id",
     "read_audioset_classes",
     "read_vggsound_classes",
     "classes_from_labels",
@@ -52,8 +65,13 @@ _USER_COLUMNS = MANIFEST_COLUMNS
 
 _PathLike = str | os.PathLike[str]
 
+# File systems allow 255 bytes per name; the stages append suffixes (".mkv", ".h5", ...)
+# to clip ids, so ids stay well below that.
+MAX_CLIP_ID_LENGTH = 200
+
 _YTID = re.compile(r"[A-Za-z0-9_-]{11}\Z")
-_SAFE_ID = re.compile(r"[A-Za-z0-9_.-]+\Z")
+# The whole clip id rule in one match, for millions of ids: no leading '.', allowed characters, length.
+_SAFE_ID = re.compile(rf"(?!\.)[A-Za-z0-9_.-]{{1,{MAX_CLIP_ID_LENGTH}}}\Z")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 _VGGSOUND_FILE = re.compile(r"(.*)_(\d+)\.mp4\Z")
 # VGGSound's lists give only the start: every clip is 10 s long.
@@ -61,7 +79,14 @@ _VGGSOUND_SECONDS = 10.0
 # combine_lists's own problems start with this; they are not malformed rows.
 _DUPLICATE = "duplicate of"
 _YTID_RULE = "expected 11 characters of A-Z a-z 0-9 _ -"
-_ID_RULE = "may only contain A-Z a-z 0-9 _ . -"
+_ID_RULE = (
+    f"a clip id names files, so it must be 1 to {MAX_CLIP_ID_LENGTH} characters of A-Z a-z 0-9 _ . - "
+    "and must not start with '.'"
+)
+_UNBALANCED = (
+    "unbalanced quoting: a '\"' opens a quoted field that this line does not close (no field of "
+    "these lists spans lines); close the quote or remove it"
+)
 
 
 class ListError(ValueError):
@@ -96,33 +121,74 @@ class ParsedList:
 # Reading rows
 
 
-def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
-    """Yield ``(line number, fields)`` of each data row, skipping '#' comments and blank lines."""
+def _rows(path: Path, bad_line: Callable[[int, str], None]) -> Iterator[tuple[int, list[str]]]:
+    """Yield ``(line number, fields)`` of each data row, skipping '#' comments and blank lines.
+
+    Every physical line is parsed on its own. A line that cannot be split into fields (its
+    quoting is unbalanced, or the csv module refuses it) is passed to ``bad_line(line,
+    problem)`` instead, and reading goes on with the next line.
+    """
     try:
         f = open(path, newline="", encoding="utf-8-sig")
     except FileNotFoundError:
         raise ListError(f"{path}: no such file; check the list's `path` (or `url`) in the config") from None
     except IsADirectoryError:
         raise ListError(f"{path} is a folder, not a list file; point the list's `path` at the CSV file") from None
+    number = 0  # physical lines handed to the csv reader
+    done = 0  # the line whose row the reader returned last
+    unbalanced = False
+
+    def lines() -> Iterator[str]:
+        # Python's csv reader takes a newline inside quotes as part of the field and reads on
+        # until the quote closes, joining any number of following lines into one row. When it
+        # asks for a line before it returned the row of the last one, that line ended inside
+        # quotes: a lone '"' closes the field there, so the row is that line alone.
+        nonlocal number, unbalanced
+        for text in f:
+            if done != number:
+                unbalanced = True
+                yield '"'
+            number += 1
+            yield text
+        if done != number:
+            unbalanced = True
+            yield '"'
+
     with f:
         # skipinitialspace reads the official AudioSet format (", " separators and quoted
-        # labels after the space) and its re-saved forms alike. Quoted fields never span
-        # lines in these lists, so the reader's line count is the row's physical line.
-        reader = csv.reader(f, skipinitialspace=True)
+        # labels after the space) and its re-saved forms alike.
+        reader = csv.reader(lines(), skipinitialspace=True)
         try:
-            for row in reader:
-                if not row or row[0].startswith("#"):
+            while True:
+                try:
+                    for row in reader:
+                        done = number
+                        if unbalanced:
+                            unbalanced = False
+                            if not row[0].startswith("#"):  # (a closed row has a field)
+                                bad_line(number, _UNBALANCED)
+                            continue
+                        if not row or row[0].startswith("#"):
+                            continue
+                        if len(row) == 1 and not row[0].strip():
+                            continue
+                        yield number, row
+                except csv.Error as e:  # e.g. a field over csv.field_size_limit(); the reader goes on
+                    done = number
+                    bad_line(number, f"cannot be read as CSV ({e}); fix or remove the line")
                     continue
-                if len(row) == 1 and not row[0].strip():
-                    continue
-                yield reader.line_num, row
-        except csv.Error as e:
-            raise ListError(
-                f"{path}: line {reader.line_num}: cannot be read as CSV ({e}); "
-                "is it the list itself and not, say, an HTML error page?"
-            ) from None
+                break
         except UnicodeDecodeError as e:
             raise ListError(f"{path} is not UTF-8 text ({e}); is it the list itself and not an archive?") from None
+
+
+def _refuse_line(path: Path) -> Callable[[int, str], None]:
+    """``bad_line`` for tables that must be complete (class tables): any unreadable line stops the run."""
+
+    def refuse(line: int, problem: str) -> None:
+        raise ListError(f"{path}: line {line}: {problem} (a class table must be complete; re-download a damaged one)")
+
+    return refuse
 
 
 def _is_header(row: list[str], first_column: str) -> bool:
@@ -150,9 +216,37 @@ def _span(start_text: str, end_text: str, *, open_end: bool) -> tuple[float, flo
     end = _number(end_text)
     if end is None:
         return f"bad end {end_text!r}: not a number"
-    if start >= end:
+    if start == end:
+        return f"zero-length segment: start {start_text} equals end {end_text}; give an end after the start"
+    if start > end:
         return f"start {start_text} is not before end {end_text}"
     return start, end
+
+
+def check_clip_id(clip_id: str) -> str | None:
+    """Why ``clip_id`` cannot be a clip id, or None when it can.
+
+    A clip id is used as a file and folder name (``<clip_id>.mkv``, ``.partial/<clip_id>/``,
+    ...), so it must be a safe file name: 1 to :data:`MAX_CLIP_ID_LENGTH` characters of
+    A-Z a-z 0-9 _ . -, not starting with '.' (that refuses ``.`` and ``..``, which name the
+    folder itself and its parent, and hidden names). Every parser here checks its ids; the
+    later stages call it again before they use an id as a name.
+    """
+    if not isinstance(clip_id, str):
+        return f"clip_id {clip_id!r} is a {type(clip_id).__name__}, not text: {_ID_RULE}"
+    if _SAFE_ID.match(clip_id):
+        return None
+    if not clip_id:
+        return "empty clip_id"
+    shown = repr(clip_id) if len(clip_id) <= 60 else f"{clip_id[:40]!r}..."
+    bad = sorted(set(_UNSAFE_CHARS.findall(clip_id)))
+    if bad:
+        reason = f"contains {', '.join(repr(c) for c in bad[:5])}"
+    elif clip_id.startswith("."):
+        reason = "starts with '.'"
+    else:
+        reason = f"is {len(clip_id)} characters long"
+    return f"clip_id {shown} {reason}: {_ID_RULE}"
 
 
 def _youtube_clip_id(ytid: str, start: float) -> str:
@@ -163,8 +257,13 @@ def _youtube_clip_id(ytid: str, start: float) -> str:
 
 
 def _safe_id(text: str) -> str:
-    """``text`` with every character not allowed in clip ids replaced by '_'."""
-    return _UNSAFE_CHARS.sub("_", text)
+    """``text`` with every character not allowed in clip ids, and a leading '.', replaced by '_'.
+
+    The result passes :func:`check_clip_id` unless ``text`` is empty or too long; callers
+    check it (truncating would make distinct files one clip).
+    """
+    safe = _UNSAFE_CHARS.sub("_", text)
+    return "_" + safe[1:] if safe.startswith(".") else safe
 
 
 def _labels(parts: list[str], known: frozenset[str] | None) -> str | tuple[str]:
@@ -211,6 +310,11 @@ class _Builder:
 
     def problem(self, line: int, text: str, file: str | None = None) -> None:
         self.problems.append(ListProblem(self.file if file is None else file, line, text))
+
+    def unreadable(self, line: int, text: str) -> None:
+        """A data line that could not be split into fields: a row read, and its problem."""
+        self.rows_read += 1
+        self.problem(line, text)
 
     def result(self) -> ParsedList:
         origin = pd.DataFrame(
@@ -295,7 +399,7 @@ def read_audioset_classes(path: _PathLike) -> pd.DataFrame:
     ids: list[str] = []
     names: list[str] = []
     header = None
-    for line, row in _rows(path):
+    for line, row in _rows(path, _refuse_line(path)):
         if header is None:
             header = [x.strip() for x in row]
             if header != ["index", "mid", "display_name"]:
@@ -322,7 +426,7 @@ def read_vggsound_classes(path: _PathLike) -> pd.DataFrame:
     path = Path(path)
     labels: list[str] = []
     first = True
-    for line, row in _rows(path):
+    for line, row in _rows(path, _refuse_line(path)):
         if first:
             first = False
             if _is_header(row, "label"):
@@ -359,7 +463,7 @@ def read_audioset_segments(path: _PathLike, split: str, classes: pd.DataFrame | 
     known = _known_ids(classes, f"AudioSet list {path}")
     b = _Builder(str(path))
     first = True
-    for line, row in _rows(path):
+    for line, row in _rows(path, b.unreadable):
         if first:
             first = False
             if _is_header(row, "YTID"):
@@ -385,8 +489,25 @@ def read_audioset_segments(path: _PathLike, split: str, classes: pd.DataFrame | 
             b.problem(line, labels[0])
             continue
         clip_id = f"{ytid}_{int(start):06d}" if start.is_integer() else _youtube_clip_id(ytid, start)
+        # The YouTube id matched _YTID and the rest is "_<digits>[ms]", so the length is the
+        # one clip id rule a huge start can break (the full check would add ~8% on 2M rows).
+        if len(clip_id) > MAX_CLIP_ID_LENGTH:
+            b.problem(line, f"start {row[1].strip()} is too large: {check_clip_id(clip_id)}")
+            continue
         b.add(line, clip_id, ytid, start, end, labels, split)
     return b.result()
+
+
+def _vggsound_clip(ytid: str, start: float, start_text: str) -> tuple[str, float] | str:
+    """The clip id and end of the 10 s VGGSound clip at ``start``; a str is the problem."""
+    end = start + _VGGSOUND_SECONDS
+    if not end > start:  # an infinite start, or one so large that the 10 s round away
+        return f"start {start_text} is too large: the 10 s clip from it would have no length"
+    clip_id = _youtube_clip_id(ytid, start)
+    problem = check_clip_id(clip_id)
+    if problem is not None:  # only a huge start can do that
+        return f"start {start_text} is too large: {problem}"
+    return clip_id, end
 
 
 def read_vggsound_list(path: _PathLike, classes: pd.DataFrame | None) -> ParsedList:
@@ -395,7 +516,7 @@ def read_vggsound_list(path: _PathLike, classes: pd.DataFrame | None) -> ParsedL
     known = _known_ids(classes, f"VGGSound list {path}")
     b = _Builder(str(path))
     first = True
-    for line, row in _rows(path):
+    for line, row in _rows(path, b.unreadable):
         if first:
             first = False
             if _is_header(row, "YTID"):
@@ -420,7 +541,11 @@ def read_vggsound_list(path: _PathLike, classes: pd.DataFrame | None) -> ParsedL
         if not split:
             b.problem(line, "empty split")
             continue
-        b.add(line, _youtube_clip_id(ytid, start), ytid, start, start + _VGGSOUND_SECONDS, labels, split)
+        clip = _vggsound_clip(ytid, start, row[1].strip())
+        if isinstance(clip, str):
+            b.problem(line, clip)
+            continue
+        b.add(line, clip[0], ytid, start, clip[1], labels, split)
     return b.result()
 
 
@@ -430,7 +555,7 @@ def read_vggsound_test_list(path: _PathLike, split: str, classes: pd.DataFrame |
     _check_split(split, f"VGGSound test list {path}", required=True)
     known = _known_ids(classes, f"VGGSound test list {path}")
     b = _Builder(str(path))
-    for line, row in _rows(path):
+    for line, row in _rows(path, b.unreadable):
         b.rows_read += 1
         if len(row) != 2:
             b.problem(line, f"expected 2 fields (<YTID>_<start>.mp4, label), found {len(row)}")
@@ -449,7 +574,11 @@ def read_vggsound_test_list(path: _PathLike, split: str, classes: pd.DataFrame |
         if isinstance(labels, tuple):
             b.problem(line, labels[0])
             continue
-        b.add(line, _youtube_clip_id(ytid, start), ytid, start, start + _VGGSOUND_SECONDS, labels, split)
+        clip = _vggsound_clip(ytid, start, match.group(2))
+        if isinstance(clip, str):
+            b.problem(line, clip)
+            continue
+        b.add(line, clip[0], ytid, start, clip[1], labels, split)
     return b.result()
 
 
@@ -459,6 +588,11 @@ def read_vggsound_test_list(path: _PathLike, split: str, classes: pd.DataFrame |
 
 def read_esc50(csv_path: _PathLike, audio_dir: _PathLike) -> tuple[ParsedList, pd.DataFrame]:
     """ESC-50's ``esc50.csv`` (or a data set laid out like it): split ``fold<N>``, classes from target/category.
+
+    The clip id is the file name without its suffix, each character outside A-Z a-z 0-9
+    _ . - and a leading '.' replaced by '_' (``.hidden.wav`` -> ``_hidden``, ``...wav`` ->
+    ``_.``); a name whose id would be longer than :data:`MAX_CLIP_ID_LENGTH` is a problem
+    row. Two names that give one id are left to :func:`combine_lists` to report.
 
     Rows whose audio file is missing are kept (the download stage reports them); a list of
     which no file exists under ``audio_dir`` raises :class:`ListError`.
@@ -471,7 +605,13 @@ def read_esc50(csv_path: _PathLike, audio_dir: _PathLike) -> tuple[ParsedList, p
     class_of_target: dict[int, str] = {}
     width = 0
     found_audio = False
-    for line, row in _rows(csv_path):
+
+    def bad_line(line: int, problem: str) -> None:
+        if header is None:
+            raise ListError(f"{file}: line {line}: cannot read the header: {problem}")
+        b.unreadable(line, problem)
+
+    for line, row in _rows(csv_path, bad_line):
         if header is None:
             names = [x.strip() for x in row]
             header = {name: i for i, name in enumerate(names)}
@@ -506,11 +646,16 @@ def read_esc50(csv_path: _PathLike, audio_dir: _PathLike) -> tuple[ParsedList, p
                 f"{file}: line {line}: target {int(target)} is {category!r} here but "
                 f"{class_of_target[int(target)]!r} earlier; each target must name one category"
             )
+        clip_id = _safe_id(Path(filename).stem)
+        problem = check_clip_id(clip_id)
+        if problem is not None:
+            b.problem(line, f"filename {filename!r} gives no usable clip id: {problem}; rename the file")
+            continue
         audio = audio_dir / filename
         # A missing file keeps its row: the download stage reports it as unavailable, like
         # any other clip whose media cannot be had. Only "none at all" is a config mistake.
         found_audio = found_audio or audio.is_file()
-        b.add(line, _safe_id(Path(filename).stem), str(audio), 0.0, math.nan, category, f"fold{int(fold)}")
+        b.add(line, clip_id, str(audio), 0.0, math.nan, category, f"fold{int(fold)}")
     sources = b.columns["source"]
     if sources and not found_audio:
         raise ListError(
@@ -539,7 +684,11 @@ def _read_name_list(path: Path) -> dict[str, int]:
 
 
 def read_speech_commands(root: _PathLike) -> tuple[ParsedList, pd.DataFrame]:
-    """Speech Commands (v0.01 layout): ``root/<word>/*.wav`` split by validation_list.txt and testing_list.txt."""
+    """Speech Commands (v0.01 layout): ``root/<word>/*.wav`` split by validation_list.txt and testing_list.txt.
+
+    The clip id is ``<word>_<file name without .wav>``, made safe like ESC-50's (see
+    :func:`read_esc50`); a file whose id would be too long is reported (line 0) and left out.
+    """
     root = Path(root)
     if not root.is_dir():
         raise ListError(f"{root}: no such folder; point the list's `path` at the unpacked Speech Commands folder")
@@ -571,7 +720,12 @@ def read_speech_commands(root: _PathLike) -> tuple[ParsedList, pd.DataFrame]:
                 split = "validation"
             else:
                 split = "train"
-            b.add(0, _safe_id(f"{word_dir.name}_{wav.stem}"), str(wav), 0.0, math.nan, word_dir.name, split)
+            clip_id = _safe_id(f"{word_dir.name}_{wav.stem}")
+            problem = check_clip_id(clip_id)
+            if problem is not None:
+                b.problem(0, f"gives no usable clip id: {problem}; rename the file", str(wav))
+                continue
+            b.add(0, clip_id, str(wav), 0.0, math.nan, word_dir.name, split)
     for list_file, entries in (lists["validation"], lists["test"]):
         for entry, line in entries.items():
             if entry not in seen:
@@ -584,14 +738,25 @@ def read_speech_commands(root: _PathLike) -> tuple[ParsedList, pd.DataFrame]:
 
 
 def read_user_list(path: _PathLike, split: str | None = None) -> ParsedList:
-    """A CSV with header ``clip_id,source,start,end,labels,split``; ``split`` (if given) overrides the column."""
+    """A CSV with header ``clip_id,source,start,end,labels,split``; ``split`` (if given) overrides the column.
+
+    A row whose ``clip_id`` fails :func:`check_clip_id` is a problem row (ids are used as
+    file names as given, never rewritten). ``end`` may be empty (to the end of the file);
+    otherwise it must be after ``start``.
+    """
     path = Path(path)
     file = str(path)
     _check_split(split, f"user list {path}", required=False)
     b = _Builder(file)
     header: dict[str, int] | None = None
     width, has_split = 0, False
-    for line, row in _rows(path):
+
+    def bad_line(line: int, problem: str) -> None:
+        if header is None:
+            raise ListError(f"{file}: line {line}: cannot read the header: {problem}")
+        b.unreadable(line, problem)
+
+    for line, row in _rows(path, bad_line):
         if header is None:
             names = [x.strip() for x in row]
             unknown = [n for n in names if n not in _USER_COLUMNS]
@@ -621,8 +786,9 @@ def read_user_list(path: _PathLike, split: str | None = None) -> ParsedList:
             b.problem(line, f"expected {width} fields like the header, found {len(row)}")
             continue
         clip_id = row[header["clip_id"]].strip()
-        if not _SAFE_ID.match(clip_id):
-            b.problem(line, f"clip_id {clip_id!r} {_ID_RULE}" if clip_id else "empty clip_id")
+        problem = check_clip_id(clip_id)
+        if problem is not None:
+            b.problem(line, problem)
             continue
         source = row[header["source"]].strip()
         if not source:

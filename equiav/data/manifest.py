@@ -27,7 +27,11 @@ def parse_list(entry: dict, classes: pd.DataFrame | None) -> tuple[L.ParsedList,
     """Parse one `lists` entry (its `path` already resolved); return it and any class table it defines."""
     fmt, path, split = entry["format"], entry["path"], entry.get("split")
     if not os.path.exists(path):
-        raise L.ListError(f"list file {path} ({fmt}) does not exist; fix its `path` or give a `url` to fetch it")
+        raise L.ListError(
+            f"list file {path} ({fmt}) does not exist; fix the list's `path` (a relative one is taken inside "
+            "the data set's archive when it has one, else in the working directory), or give the list's "
+            "`url` instead of its `path` to fetch it"
+        )
     if fmt == "audioset":
         return L.read_audioset_segments(path, split, classes), None
     if fmt == "vggsound":
@@ -49,7 +53,10 @@ def _esc50_audio_dir(csv_path: Path) -> Path:
     for candidate in (csv_path.parent / "audio", csv_path.parent.parent / "audio"):
         if candidate.is_dir():
             return candidate
-    raise L.ListError(f"no audio/ folder beside or above {csv_path}; set the list's `audio_dir`")
+    raise L.ListError(
+        f"no audio/ folder beside or above {csv_path}; set the list's `audio_dir` to the folder of the audio "
+        "files (a relative one is taken like the list's `path`)"
+    )
 
 
 def build_manifest(dataset: dict, out_dir: str | Path, shards_dir: str | Path) -> pd.DataFrame:
@@ -68,10 +75,16 @@ def build_manifest(dataset: dict, out_dir: str | Path, shards_dir: str | Path) -
         parts.append(parsed)
     combined = L.combine_lists(parts, on_duplicate=dataset.get("on_duplicate", "error"))
     manifest = combined.manifest.reset_index(drop=True)
+    if manifest.empty:
+        # Not "see list_problems.csv": Snakemake deletes the outputs of a failed job.
+        shown = "".join(f"\n  {p.file}:{p.line}: {p.problem}" for p in combined.problems[:10])
+        more = len(combined.problems) - 10
+        raise L.ListError(
+            "the lists hold no usable clip; check each list's `path` and `format`. Rejected rows:"
+            + shown + (f"\n  ... and {more} more" if more > 0 else "")
+        )
     if classes is None:
         classes = L.classes_from_labels(label for labels in manifest["labels"] for label in labels.split(";"))
-    if manifest.empty:
-        raise L.ListError("the lists hold no usable clip; see list_problems.csv for what was rejected")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     L.write_problems(combined.problems, out_dir / "list_problems.csv")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torchvision.io
 
-from equiav.data.status import DECODE_ERROR, NO_AUDIO, NO_VIDEO, TOO_SHORT, VOCABULARY
+from equiav.data.status import DECODE_ERROR, NO_AUDIO, NO_VIDEO, TOO_SHORT, VOCABULARY, classify_error
 
 __all__ = [
     "DecodedClip",
@@ -35,6 +35,7 @@ __all__ = [
     "check_media",
     "decode_clip",
     "ffmpeg_bin_dir",
+    "failure_status",
     "ffmpeg_exe",
     "probe",
 ]
@@ -218,36 +219,76 @@ def _existing(path: str | os.PathLike[str]) -> str:
 def probe(path: str | os.PathLike[str]) -> MediaInfo:
     """Describe a media file from ``ffmpeg -i`` (header only, no decoding).
 
-    Raises MediaError(DECODE_ERROR) when ffmpeg cannot open it (corrupt, truncated header)."""
+    Raises MediaError when ffmpeg cannot open it: decode-error for a corrupt file or a truncated
+    header, the network's outcome (transient) or unavailable for a URL that cannot be read."""
     path = _existing(path)
     _, _, stderr = _run([*_base_cmd(), "-i", path])  # exits 1: no output file, by design
     lines = _log_lines(stderr)
     info = _parse_info(lines)
     if info is None:
-        raise MediaError(DECODE_ERROR, _first_error(lines) or f"ffmpeg could not open {path!r}")
+        detail = _first_error(lines) or f"ffmpeg could not open {path!r}"
+        raise MediaError(failure_status(detail), detail)
     return info
 
 
-def check_media(path: str | os.PathLike[str]) -> tuple[MediaInfo, float]:
-    """Probe a file and read every packet without decoding it (``-c copy -f null``).
+def check_media(
+    path: str | os.PathLike[str], start: float = 0.0, duration: float | None = None
+) -> tuple[MediaInfo, dict[str, float]]:
+    """Probe a file (or URL) and read every packet of ``[start, start + duration)`` without
+    decoding it (``-c copy``; all of it by default).
 
-    Returns the info and the seconds of media actually present (the last packet's time).
-    Raises MediaError(DECODE_ERROR, first error line) when ffmpeg logs an error (a truncated
-    file logs e.g. "partial file") or exits non-zero."""
+    Returns the info and, per stream kind ("audio", "video"; the first stream of each), the
+    seconds of it present after ``start``: the end of its last packet. Raises MediaError when
+    ffmpeg logs an error (a truncated file logs e.g. "partial file") or exits non-zero, with
+    the outcome its first error line stands for (a network fault stays transient)."""
     path = _existing(path)
-    cmd = [*_base_cmd(), "-i", path, "-map", "0", "-c", "copy", "-f", "null", "-", "-progress", "pipe:1"]
-    code, progress, stderr = _run(cmd)
+    cmd = _base_cmd()
+    if start > 0:
+        cmd += ["-ss", _seconds(start)]
+    if duration is not None:
+        cmd += ["-t", _seconds(duration)]
+    # framecrc lists every packet with its stream, time and duration: per-stream coverage.
+    cmd += ["-i", path, "-map", "0:a:0?", "-map", "0:V:0?", "-c", "copy", "-f", "framecrc", "pipe:1"]
+    code, listing, stderr = _run(cmd)
     lines = _log_lines(stderr)
     info = _parse_info(lines)
     error = _first_error(lines)
     if info is None or error is not None or code != 0:
-        raise MediaError(DECODE_ERROR, error or f"ffmpeg exited with status {code} reading {path!r}")
-    present = 0.0
-    for line in progress.decode("ascii", "replace").splitlines():
-        key, _, value = line.partition("=")
-        if key == "out_time_us" and value.strip().lstrip("-").isdigit():
-            present = max(present, int(value) / 1e6)
-    return info, present
+        detail = error or f"ffmpeg exited with status {code} reading {path!r}"
+        raise MediaError(failure_status(detail), detail)
+    return info, _present(listing.decode("ascii", "replace"))
+
+
+def _present(listing: str) -> dict[str, float]:
+    """Seconds covered by each stream kind of a framecrc listing (the end of its last packet)."""
+    kinds: dict[str, str] = {}
+    bases: dict[str, Fraction] = {}
+    present = {"audio": 0.0, "video": 0.0}
+    for line in listing.splitlines():
+        if line.startswith("#"):
+            key, _, value = line[1:].partition(":")
+            name, _, index = key.partition(" ")
+            if name == "tb":
+                bases[index] = Fraction(value.strip())
+            elif name == "media_type":
+                kinds[index] = value.strip()
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) < 4 or fields[0] not in bases or kinds.get(fields[0]) not in present:
+            continue
+        stamp = fields[2] if fields[2].lstrip("-").isdigit() else fields[1]  # pts, else dts
+        if not (stamp.lstrip("-").isdigit() and fields[3].isdigit()):
+            continue
+        end = float((int(stamp) + int(fields[3])) * bases[fields[0]])
+        kind = kinds[fields[0]]
+        present[kind] = max(present[kind], end)
+    return present
+
+
+def failure_status(detail: str) -> str:
+    """The outcome of an ffmpeg failure: a network fault is transient, a missing source is
+    unavailable, and anything else ffmpeg cannot read is damaged (decode-error)."""
+    return classify_error(detail, default=DECODE_ERROR)
 
 
 def _seconds(value: float) -> str:
@@ -357,7 +398,7 @@ def _decode_once(
         if info is not None and num_frames > 0 and not info.has_video:
             raise MediaError(NO_VIDEO, f"{path!r} has no video stream (use num_frames=0 for audio-only data)")
         detail = _first_error(lines) or f"ffmpeg exited with status {proc.returncode}"
-        raise MediaError(DECODE_ERROR, f"{path!r}: {detail}")
+        raise MediaError(failure_status(detail), f"{path!r}: {detail}")
     waveform = np.frombuffer(audio, dtype="<f4").astype(np.float32)  # copy: writable, native order
     return info, waveform, b"".join(chunks)
 

@@ -16,7 +16,8 @@ a data set's availability report is ``results/<dataset>/availability.csv``. Metr
 fractions; the tables show percent (mAP x 100, accuracy %, R@k %) as the paper does. The main
 Tables 1 to 3 are always written (with the paper's numbers and empty cells of ours when none of
 their runs ran, as in the demo); another table none of whose runs has a metric file is not
-written, and the index ``tables.md`` says so.
+written, and the index ``tables.md`` says so. The index also shows the clips obtained of every
+data set given, so a data-only run (no metric file at all) gets a tables page too.
 
     python -m equiav tables --results results --out-dir results/tables
     python -m equiav tables --metrics results/finetune/*/metrics.json results/retrieval/*/metrics.json \
@@ -361,6 +362,10 @@ def _clip_rows(spec: TableSpec, metrics: Mapping[tuple[str, str], Mapping[str, A
             datasets.setdefault(s.dataset)
             used.setdefault((s.task, s.run), s.dataset)
     missing = [d for d in datasets if d not in availability]
+    # A data set obtained without a run yet (a data-only run) still shows its counts.
+    for s in spec.sources():
+        if s.dataset in availability:
+            datasets.setdefault(s.dataset)
     for name in datasets:
         if name in availability:
             for split, counts in availability[name].iterrows():
@@ -497,11 +502,14 @@ def write_tables(metrics: Mapping[tuple[str, str], Mapping[str, Any]], availabil
         result.cells_frame().to_csv(csv, index=False)
         result.clips.to_csv(clips_csv, index=False)
         md.write_text(table_markdown(result))
-    (out / "tables.md").write_text(index_markdown(results))
+    (out / "tables.md").write_text(index_markdown(results, availability))
     return results
 
 
-def index_markdown(results: Mapping[str, TableResult | None]) -> str:
+def index_markdown(results: Mapping[str, TableResult | None],
+                   availability: Mapping[str, pd.DataFrame] | None = None) -> str:  # fmt: skip
+    """The index of the tables, and the clips obtained of every data set given (also those no
+    table reads, and when no run has a metrics file yet: a data-only run)."""
     lines = ["# Tables", "", "The paper's tables with our numbers beside them (docs/tables.md).", ""]
     for key, result in results.items():
         spec = _BY_KEY[key]
@@ -515,6 +523,15 @@ def index_markdown(results: Mapping[str, TableResult | None]) -> str:
                 f"- [{spec.title}]({key}.md) ([cells]({key}.csv), [clips]({key}_clips.csv)): "
                 f"{measured} cells measured, {len(result.missing_runs)} runs missing."
             )
+    if availability:
+        rows = [
+            (name, str(split), str(int(r["listed"])), str(int(r["obtained"])),
+             f"{100 * r['obtained'] / r['listed']:.1f}" if r["listed"] else "–")  # fmt: skip
+            for name, table in availability.items()
+            for split, r in table.iterrows()
+        ]
+        lines += ["", "## Clips obtained", "", "Per data set and split (features extracted of the clips listed):", ""]
+        lines += _markdown_table(["data set", "split", "listed", "obtained", "obtained %"], rows)
     return "\n".join(lines) + "\n"
 
 
@@ -527,7 +544,8 @@ def _discover(results_dir: Path) -> tuple[list[Path], list[Path]]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="equiav tables", description=__doc__.splitlines()[0])
     p.add_argument("--results", type=Path, help="results folder to find metrics and availability files in")
-    p.add_argument("--metrics", nargs="+", type=Path, help="metrics.json files (default: found under --results)")
+    # Zero files is a data-only run: the tables then hold the paper's numbers and the clip counts.
+    p.add_argument("--metrics", nargs="*", type=Path, help="metrics.json files (default: found under --results)")
     p.add_argument("--availability", nargs="*", type=Path,
                    help="availability.csv files (default: found under --results)")  # fmt: skip
     p.add_argument("--out-dir", type=Path, required=True, help="where the tables go (results/tables)")

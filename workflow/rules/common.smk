@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -9,21 +10,75 @@ from pathlib import Path
 # a venv works without being activated (a conda env of `--sdm conda` is activated on top of it).
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
+from equiav.data.archives import ArchiveError, archive_source
+
 RESULTS = config["results_dir"]
 DATA = config["data_dir"]
 REPORT = f"{RESULTS}/report"  # the report's pages and pictures (report.smk)
 
+
+def warn_of_stale_locks():
+    """Snakemake stops with LockException after a run of it was killed (SIGKILL, power loss),
+    before any hook of the workflow runs (not even `onerror:`); parsing happens first, so the
+    advice is given here. Not in jobs (they parse this file too) nor in the --unlock run."""
+    locks = Path(".snakemake/locks")
+    if workflow.remote_exec or workflow.subprocess_exec or "--unlock" in sys.argv or not locks.is_dir():
+        return
+    if any(locks.iterdir()):
+        print(
+            f"Note: {locks.resolve()} holds the locks of another Snakemake run in this directory. If none is"
+            " running any more (it was killed), this run stops with LockException: run the same command once"
+            " with --unlock added, then again as it was.",
+            file=sys.stderr,
+        )
+
+
+warn_of_stale_locks()
+
 GENERATED = [name for name, d in config["datasets"].items() if d.get("generate") == "demo"]
-ARCHIVED = [name for name, d in config["datasets"].items() if "archive" in d]
+
+
+def dataset(name):
+    return config["datasets"][name]
+
+
+def archive_of(name):
+    """("url" | "file" | "folder", where) of a data set's archive, for the data sets of this run;
+    a missing `archive.path` stops the workflow here, before any job."""
+    archive = dataset(name)["archive"]
+    try:
+        kind, where = archive_source(archive)
+    except ArchiveError as e:
+        raise ValueError(f"config key 'datasets.{name}.archive.path': {e}") from None
+    if kind == "folder" and archive.get("sha256"):
+        print(f"Note: datasets.{name}.archive.sha256 is not checked: {where} is a folder, used as it is.", file=sys.stderr)
+    return kind, where
+
+
+ARCHIVES = {n: archive_of(n) for n in config["run"] if "archive" in dataset(n)}
+# Archives unpacked into <data_dir>/<dataset>/archive; a folder is used where it is.
+ARCHIVED = [n for n, (kind, _) in ARCHIVES.items() if kind != "folder"]
+
+
+def archive_root(name):
+    """The folder of a data set's unpacked archive."""
+    kind, where = ARCHIVES[name] if name in ARCHIVES else archive_of(name)
+    return os.path.normpath(where) if kind == "folder" else f"{DATA}/{name}/archive"
+
+
+def archive_option(wildcards):
+    """`equiav fetch-archive`'s source option: --url, or --path for a local archive file."""
+    kind, where = ARCHIVES[wildcards.dataset]
+    return f"--{'path' if kind == 'file' else 'url'} {shlex.quote(where)}"
+
+
+def is_inside(path, folder):
+    return path == folder or path.startswith(folder + os.sep)
 
 
 def one_of(names):
     """A wildcard constraint matching exactly these names (and nothing when there are none)."""
     return "|".join(re.escape(n) for n in names) if names else "(?!)"
-
-
-def dataset(name):
-    return config["datasets"][name]
 
 
 def fetched_name(url, prefix):
@@ -36,11 +91,15 @@ def list_file(name, index, entry):
     if d.get("generate") == "demo":
         return f"{DATA}/{name}/generated/list.csv"
     if "path" in entry:
-        path = entry["path"]
-        if "archive" in d and not os.path.isabs(path):
-            return f"{DATA}/{name}/archive/{path}"
-        return path
+        return in_archive(name, entry["path"])
     return f"{DATA}/{name}/lists/{fetched_name(entry['url'], index)}"
+
+
+def in_archive(name, path):
+    """A configured path: relative ones are inside the data set's archive when it has one."""
+    if "archive" in dataset(name) and not os.path.isabs(path):
+        return os.path.normpath(os.path.join(archive_root(name), path))
+    return path
 
 
 def classes_file(name):
@@ -57,6 +116,9 @@ def resolved(name):
     d = json.loads(json.dumps(dataset(name)))
     entries = d.get("lists") or [{"format": "user"}]
     d["lists"] = [{**e, "path": list_file(name, i, e)} for i, e in enumerate(entries)]
+    for e in d["lists"]:
+        if "audio_dir" in e:
+            e["audio_dir"] = in_archive(name, e["audio_dir"])
     if classes_file(name):
         d["classes"]["path"] = classes_file(name)
     return d
@@ -80,10 +142,13 @@ def url_of_fetched(wildcards):
 
 def manifest_inputs(wildcards):
     name = wildcards.dataset
+    inputs = {}
     if "archive" in dataset(name):
-        inputs = {"archive": f"{DATA}/{name}/archive"}
-    else:
-        inputs = {f"list{i}": e["path"] for i, e in enumerate(resolved(name)["lists"])}
+        inputs["archive"] = archive_root(name)
+    for i, e in enumerate(resolved(name)["lists"]):
+        # Lists inside the archive come with it; others (local or fetched) are inputs of their own.
+        if "archive" not in dataset(name) or not is_inside(e["path"], archive_root(name)):
+            inputs[f"list{i}"] = e["path"]
     if classes_file(name):
         inputs["classes"] = classes_file(name)
     return inputs
@@ -168,7 +233,8 @@ def all_targets():
     targets += [f"{RESULTS}/retrieval/{run}/metrics.json" for run in RETRIEVAL]
     if FINETUNE or RETRIEVAL:
         targets.append(f"{RESULTS}/summary.md")
-        targets.append(f"{RESULTS}/tables/tables.md")
+    # Also without any run: the tables then show the clips obtained beside the paper's numbers.
+    targets.append(f"{RESULTS}/tables/tables.md")
     return targets
 
 

@@ -21,3 +21,18 @@ rule download:
     shell:
         "python -m equiav download --settings {params.settings:q} --shard {input.shard}"
         " --media-dir {params.media_dir} --out {output} 2> {log}"
+
+
+# At the end of a run, say how many clips are still transient and the command that retries them
+# (a plain rerun does not: their shards are done).
+onsuccess:
+    from equiav.data.availability import transient_shards
+
+    pending = transient_shards(RESULTS, list(config["run"]))
+    if pending:
+        print(
+            f"{sum(pending.values())} clip(s) in {len(pending)} download shard(s) failed for a passing reason"
+            " (sign-in, rate-limited, other; see availability.md). To retry them, run the workflow again with"
+            f" --forcerun $(python -m equiav transient {RESULTS})  (docs/data.md)",
+            file=sys.stderr,
+        )

@@ -31,7 +31,11 @@ rule fetch_list:
         "python -m equiav fetch --url {params.url:q} --out {output} 2> {log}"
 
 
+# An archive fetched over HTTP, or a local archive file (`archive.path`), is checked and
+# unpacked once into <data_dir>/<dataset>/archive; a local folder is used where it is instead.
 rule fetch_archive:
+    input:
+        lambda w: [ARCHIVES[w.dataset][1]] if ARCHIVES[w.dataset][0] == "file" else [],
     output:
         directory(f"{DATA}/{{dataset}}/archive"),
     conda:
@@ -39,14 +43,14 @@ rule fetch_archive:
     log:
         f"{RESULTS}/{{dataset}}/logs/fetch_archive.log",
     params:
-        url=lambda w: dataset(w.dataset)["archive"]["url"],
+        source=archive_option,
         sha256=lambda w: (
             f"--sha256 {dataset(w.dataset)['archive']['sha256']}" if dataset(w.dataset)["archive"]["sha256"] else ""
         ),
     wildcard_constraints:
         dataset=one_of(ARCHIVED),
     shell:
-        "python -m equiav fetch-archive --url {params.url:q} {params.sha256} --out-dir {output} 2> {log}"
+        "python -m equiav fetch-archive {params.source} {params.sha256} --out-dir {output} 2> {log}"
 
 
 checkpoint manifest:

@@ -1,0 +1,76 @@
+"""One configuration wherever the workflow runs: the workflow's config.yaml, then the user's
+files left to right, merged as Snakemake merges them, in the workflow and in validate-config."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from workflow_runner import REPO, small_demo_config, snakemake
+
+
+def validate(*files, cwd, extra=()) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "equiav", "validate-config", *extra, *map(str, files)]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    return {line.split()[0]: int(line.split()[1]) for line in output.splitlines() if re.fullmatch(r"\w+\s+\d+", line)}
+
+
+def test_the_workflow_config_is_loaded_under_another_directory(tmp_path):
+    """`--directory` elsewhere (as on a cluster's scratch) plus a --configfile that is only a
+    change of config.yaml: the demo's keys are there, so the demo's jobs are planned."""
+    scratch, elsewhere = tmp_path / "scratch", tmp_path / "elsewhere"
+    scratch.mkdir(), elsewhere.mkdir()
+    config = small_demo_config(scratch)
+    proc = snakemake("-n", "--directory", str(scratch), "--configfile", str(config), cwd=elsewhere)
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts["demo_data"] == 1 and counts["pretrain"] == 1 and counts["finetune"] == 3 and counts["retrieval"] == 1
+    assert (scratch / ".snakemake").is_dir() and not (elsewhere / ".snakemake").exists()
+
+
+CASES = {
+    # valid only on top of config.yaml: `generate: demo` comes from it
+    "small": None,
+    # dicts are merged key by key: config.yaml's `modalities: [audio, video]` stays
+    "no_frames": {"datasets": {"demo": {"features": {"num_frames": 0}}}},
+    # lists replace the earlier value (not appended: [audio, video, audio] would be refused)
+    "audio_only": {"datasets": {"demo": {"modalities": ["audio"], "features": {"num_frames": 0}}}},
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_validate_config_and_the_workflow_agree(tmp_path, case):
+    scratch, elsewhere = tmp_path / "scratch", tmp_path / "elsewhere"
+    scratch.mkdir(), elsewhere.mkdir()
+    files = [small_demo_config(scratch)]
+    if CASES[case] is not None:
+        files.append(scratch / f"{case}.yaml")
+        files[-1].write_text(yaml.safe_dump(CASES[case]))
+    checked = validate(*files, cwd=elsewhere)
+    run = snakemake("-n", "--directory", str(scratch), "--configfile", *map(str, files), cwd=elsewhere, check=False)
+    assert (checked.returncode == 0) == (run.returncode == 0), (checked.stderr, run.stdout + run.stderr)
+    if case == "no_frames":
+        problem = "config key 'datasets.demo.features.num_frames': 0 frames but `modalities` includes video"
+        assert problem in checked.stderr and problem in run.stdout + run.stderr
+    else:
+        assert checked.returncode == 0 and checked.stdout.strip() == "valid: run demo", checked.stderr
+
+
+def test_replace_workflow_config_leaves_config_yaml_out_in_both(tmp_path):
+    config = small_demo_config(tmp_path)
+    checked = validate(config, cwd=tmp_path, extra=("--replace-workflow-config",))
+    run = snakemake("-n", "--replace-workflow-config", "--configfile", str(config), cwd=tmp_path, check=False)
+    problem = "give exactly one of `lists` (clip lists) or `generate`"
+    assert checked.returncode != 0 and run.returncode != 0
+    assert problem in checked.stderr and problem in run.stdout + run.stderr
+
+
+def test_validate_config_names_a_missing_file(tmp_path):
+    checked = validate(tmp_path / "nope.yaml", cwd=REPO)
+    assert checked.returncode == 2 and "nope.yaml: No such file or directory" in checked.stderr
