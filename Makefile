@@ -26,8 +26,12 @@ demo: $(INSTALLED)
 test: $(INSTALLED)
 	$(RUN) python -m pytest $(PYTEST_ARGS)
 
+# Style is checked, not fixed: `ruff format . && ruff check --fix . && snakefmt Snakefile workflow/rules` fixes it.
 lint: $(INSTALLED)
 	$(RUN) snakemake --lint
+	$(RUN) snakefmt --check Snakefile workflow/rules
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
 
 dry-run: $(INSTALLED)
 	$(RUN) snakemake --profile workflow/profiles/default -n $(ARGS)

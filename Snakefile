@@ -42,7 +42,7 @@ include: "workflow/rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
         report_targets(),
-    default_target: True

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from common import OUT, environment, parse_ints, print_table, quantiles, resolve_device, synchronize, write_result
+
 from equiav.augment import AudioAugment, VisualAugment
 
 TIME_FRAMES, FREQ_BINS, IMAGE = 1024, 128, 224
@@ -82,7 +82,15 @@ def main(argv: list[str] | None = None) -> int:
                 synchronize(device)
                 seconds.append(time.perf_counter() - started)
             median = quantiles(seconds)["median"]
-            rows.append({"batch": batch, "mode": name, "ms_per_batch": 1e3 * median, "samples_per_s": batch / median, "runs_s": seconds})
+            rows.append(
+                {
+                    "batch": batch,
+                    "mode": name,
+                    "ms_per_batch": 1e3 * median,
+                    "samples_per_s": batch / median,
+                    "runs_s": seconds,
+                }
+            )
     print_table(
         rows,
         (("batch", "batch"), ("mode", "mode"), ("ms_per_batch", "ms / batch"), ("samples_per_s", "samples/s")),

@@ -204,7 +204,7 @@ def synthetic_shard(path: Path, clips: int, *, seed: int = 0) -> Path:
         try:
             if len(read_index([path])) == clips:
                 return path
-        except Exception:  # noqa: BLE001 - a broken leftover is rewritten
+        except Exception:
             pass
     settings = FeatureSettings()
     generator = torch.Generator().manual_seed(seed)
@@ -214,7 +214,11 @@ def synthetic_shard(path: Path, clips: int, *, seed: int = 0) -> Path:
         for k in range(clips):
             fbank = torch.randn(settings.target_frames, settings.num_mel_bins, generator=generator) * 3 - 5
             frames = [
-                bytes(torchvision.io.encode_jpeg(random_image(generator, settings.frame_size), quality=settings.jpeg_quality).numpy())
+                bytes(
+                    torchvision.io.encode_jpeg(
+                        random_image(generator, settings.frame_size), quality=settings.jpeg_quality
+                    ).numpy()
+                )
                 for _ in range(frames_per_clip)
             ]
             writer.add(
@@ -258,7 +262,9 @@ def single_process_group(device: torch.device) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, iters: int = 20, repeats: int = 3) -> dict[str, Any]:
+def matmul_peak(
+    device: torch.device, dtype: torch.dtype, size: int, iters: int = 20, repeats: int = 3
+) -> dict[str, Any]:
     """Best measured rate of [size x size] @ [size x size] in ``dtype`` (TFLOP/s), the
     denominator of the 'share of matmul peak' figures."""
     a = torch.randn(size, size, device=device, dtype=dtype)

@@ -91,8 +91,11 @@ def main() -> None:
         work = Path(tmp)
         audioset, classes, origin = audioset_lists(work, args.audioset_dir)
         results = [
-            measure("audioset_20k", preset_config("audioset_20k", work, audioset, classes),
-                    {k: v for k, v in origin.items() if k != "unbalanced_train"}),  # fmt: skip
+            measure(
+                "audioset_20k",
+                preset_config("audioset_20k", work, audioset, classes),
+                {k: v for k, v in origin.items() if k != "unbalanced_train"},
+            ),  # fmt: skip
             measure("audioset_2m", preset_config("audioset_2m", work, audioset, classes), origin),
         ]
         if args.vggsound_csv:
@@ -101,7 +104,9 @@ def main() -> None:
             labels = pd.read_csv(REPO / "tests/data/lists/vggsound_stat.csv", header=None)[0].tolist()
             vggsound, vgg_origin = str(work / "vggsound.csv"), "synthesised"
             Path(vggsound).write_text(synthetic.vggsound_list(SIZES["vggsound"], labels))
-        results.append(measure("vggsound", preset_config("vggsound", work, {"vggsound": vggsound}, None), {"vggsound": vgg_origin}))
+        results.append(
+            measure("vggsound", preset_config("vggsound", work, {"vggsound": vggsound}, None), {"vggsound": vgg_origin})
+        )
     print(f"{'preset':<14} {'manifest s':>10} {'dry-run s':>10} {'jobs':>7}  lists")
     for r in results:
         lists = ", ".join(f"{k} {v}" for k, v in r["lists"].items())

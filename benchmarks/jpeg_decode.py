@@ -20,9 +20,18 @@ from typing import Any
 
 import torch
 import torchvision
+from common import (
+    OUT,
+    environment,
+    parse_ints,
+    print_table,
+    quantiles,
+    random_jpegs,
+    resolve_device,
+    synchronize,
+    write_result,
+)
 from torchvision.io import ImageReadMode, decode_jpeg
-
-from common import OUT, environment, parse_ints, print_table, quantiles, random_jpegs, resolve_device, synchronize, write_result
 
 
 def timed(run: Callable[[], Any], device: torch.device, images: int, repeats: int) -> list[float]:
@@ -59,8 +68,18 @@ def main(argv: list[str] | None = None) -> int:
         q = quantiles(rates)
         rows.append({"method": name, "device": where, "batch": batch, "images_per_s": q["median"], "runs": rates})
 
-    add("decode_jpeg per image", "cpu", 1, timed(lambda: [decode_jpeg(j, mode=mode) for j in jpegs], torch.device("cpu"), len(jpegs), args.repeats))
-    add("decode_jpeg(list)", "cpu", len(jpegs), timed(lambda: decode_jpeg(jpegs, mode=mode), torch.device("cpu"), len(jpegs), args.repeats))
+    add(
+        "decode_jpeg per image",
+        "cpu",
+        1,
+        timed(lambda: [decode_jpeg(j, mode=mode) for j in jpegs], torch.device("cpu"), len(jpegs), args.repeats),
+    )
+    add(
+        "decode_jpeg(list)",
+        "cpu",
+        len(jpegs),
+        timed(lambda: decode_jpeg(jpegs, mode=mode), torch.device("cpu"), len(jpegs), args.repeats),
+    )
     if device.type == "cuda":
         add(
             "decode_jpeg per image",
@@ -74,14 +93,25 @@ def main(argv: list[str] | None = None) -> int:
                 "decode_jpeg(list), batched",
                 str(device),
                 batch,
-                timed(lambda chunks=chunks: [decode_jpeg(c, mode=mode, device=device) for c in chunks], device, len(jpegs), args.repeats),
+                timed(
+                    lambda chunks=chunks: [decode_jpeg(c, mode=mode, device=device) for c in chunks],
+                    device,
+                    len(jpegs),
+                    args.repeats,
+                ),
             )
     cpu_rate = rows[0]["images_per_s"]
     for row in rows:
         row["vs_cpu_per_image"] = row["images_per_s"] / cpu_rate
     print_table(
         rows,
-        (("method", "method"), ("device", "device"), ("batch", "batch"), ("images_per_s", "images/s"), ("vs_cpu_per_image", "x CPU per image")),
+        (
+            ("method", "method"),
+            ("device", "device"),
+            ("batch", "batch"),
+            ("images_per_s", "images/s"),
+            ("vs_cpu_per_image", "x CPU per image"),
+        ),
         title=f"JPEG decode, {args.images} images {args.size}x{args.size} q{args.quality} (mean {mean_bytes / 1024:.1f} KiB), {env['device_name']}",
     )
     write_result(

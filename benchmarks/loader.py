@@ -41,8 +41,6 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision
-from torch import Tensor
-
 from common import (
     OUT,
     default_cache_dir,
@@ -55,6 +53,8 @@ from common import (
     synthetic_shard,
     write_result,
 )
+from torch import Tensor
+
 from equiav.augment import AudioAugment, VisualAugment, normalize_image
 from equiav.data.store import FeatureDataset, read_index
 from equiav.train.common import derive_seed
@@ -110,8 +110,8 @@ class RawJpegDataset(PretrainDataset):
         features = self.features
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(derive_seed(self.seed, FRAME, epoch, index))
-            f = features._file(int(features._shard_of[index]))  # noqa: SLF001 - benchmark prototype
-            row = int(features._rows[index])  # noqa: SLF001
+            f = features._file(int(features._shard_of[index]))
+            row = int(features._rows[index])
             fbank = torch.from_numpy(f["fbank"][row].astype(np.float32))
             frames = f["frames"]
             k = int(torch.randint(frames.shape[1], ()).item())
@@ -174,7 +174,16 @@ def measure(
         if path == "cpu_augment" and device.type != "cpu":
             pinned = {
                 f: getattr(out, f).pin_memory().to(device, non_blocking=True)
-                for f in ("audio", "audio_aug", "visual", "visual_aug", "audio_params", "visual_params", "audio_centroid", "visual_centroid")
+                for f in (
+                    "audio",
+                    "audio_aug",
+                    "visual",
+                    "visual_aug",
+                    "audio_params",
+                    "visual_params",
+                    "audio_centroid",
+                    "visual_centroid",
+                )
             }
             return PretrainViews(**pinned)
         return out
@@ -267,7 +276,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     print_table(
         rows,
-        (("name", "path"), ("workers", "workers"), ("samples_per_s", "samples/s"), ("batch_ms", "ms / batch"), ("vs_step", "x step rate")),
+        (
+            ("name", "path"),
+            ("workers", "workers"),
+            ("samples_per_s", "samples/s"),
+            ("batch_ms", "ms / batch"),
+            ("vs_step", "x step rate"),
+        ),
         title=f"Data loading, batch {args.batch_size}, {env['device_name']}"
         + (f" (step rate {step_rate:.1f} samples/s)" if step_rate else ""),
     )

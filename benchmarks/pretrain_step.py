@@ -53,9 +53,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
 from common import (
     OUT,
     environment,
@@ -72,6 +69,9 @@ from common import (
     synchronize,
     write_result,
 )
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 from equiav.augment import normalize_image
 from equiav.losses import EquiAVLoss
 from equiav.model import EquiAV, ModelConfig
@@ -176,7 +176,9 @@ class PerSampleCpuAugmenter:
             generator = torch.Generator().manual_seed(derive_seed(self.seed, AUGMENT, step, offset + i))
             audio_aug, audio_params = self.audio(fbank[i : i + 1], generator)
             visual_aug, visual_params = self.visual(frames[i : i + 1], generator)
-            audio_centroid = self.audio.sample_params(1, self.centroid_samples, time_frames, freq_bins, generator=generator)
+            audio_centroid = self.audio.sample_params(
+                1, self.centroid_samples, time_frames, freq_bins, generator=generator
+            )
             visual_centroid = self.visual.sample_params(1, self.centroid_samples, height, width, generator=generator)
             rows.append((audio_aug, visual_aug, audio_params, visual_params, audio_centroid, visual_centroid))
         host = [torch.cat(parts) for parts in zip(*rows, strict=True)]
@@ -299,7 +301,7 @@ def try_measure(variant: Variant, config: ModelConfig, batch: int, **kwargs: Any
     device = kwargs["device"]
     try:
         result = measure(variant, config, batch, **kwargs)
-    except Exception as error:  # noqa: BLE001 - OOM is reported, anything else re-raised
+    except Exception as error:
         if not is_oom(error):
             raise
         result = {"oom": True, "note": "out of memory"}
@@ -321,11 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-sizes", default="32,64,128", help="per-GPU batch sizes, comma-separated")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them (compilation included)")
-    parser.add_argument("--repeats", type=int, default=1, help="measure every row this often, round-robin; report the median")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="measure every row this often, round-robin; report the median"
+    )
     parser.add_argument("--compile", action="store_true", help="add ours+compile (torch.compile)")
-    parser.add_argument("--ablation-batch", type=int, default=None, help="batch size of the ablation rows (default: largest that fits)")
+    parser.add_argument(
+        "--ablation-batch", type=int, default=None, help="batch size of the ablation rows (default: largest that fits)"
+    )
     parser.add_argument("--no-ablations", action="store_true")
-    parser.add_argument("--matmul-size", type=int, default=None, help="side of the peak matmul (8192 on CUDA, 1024 on the CPU)")
+    parser.add_argument(
+        "--matmul-size", type=int, default=None, help="side of the peak matmul (8192 on CUDA, 1024 on the CPU)"
+    )
     parser.add_argument("--clips", type=int, default=2_000_000, help="data-set size of the wall-time projection")
     parser.add_argument("--epochs", type=int, default=20, help="epochs of the wall-time projection")
     parser.add_argument("--out", type=Path, default=OUT / "pretrain_step.json")
@@ -406,23 +414,35 @@ def main(argv: list[str] | None = None) -> int:
                 if r["batch"] == batch and r.get("samples_per_s") and authors:
                     r["vs_authors"] = r["samples_per_s"] / authors
             candidates = ("ours", "ours+compile") if batch in fitted else ("ours+ckpt",)
-            ours_rows = [r for r in rows if r["batch"] == batch and r["variant"] in candidates and r.get("samples_per_s")]
+            ours_rows = [
+                r for r in rows if r["batch"] == batch and r["variant"] in candidates and r.get("samples_per_s")
+            ]
             best = max(ours_rows, key=lambda r: r["samples_per_s"], default=None)
             entry: dict[str, Any] = {}
             if best:
-                entry.update(best_variant=best["variant"], best_samples_per_s=best["samples_per_s"], best_peak_share_pct=best["peak_share_pct"])
+                entry.update(
+                    best_variant=best["variant"],
+                    best_samples_per_s=best["samples_per_s"],
+                    best_peak_share_pct=best["peak_share_pct"],
+                )
                 if authors:
                     entry["speedup_vs_authors"] = best["samples_per_s"] / authors
                 if authors_gpu:
                     entry["speedup_vs_authors_gpu_part"] = best["samples_per_s"] / authors_gpu
-                plain = by_key.get((batch, "ours"), {}).get("samples_per_s") or by_key.get((batch, "ours+ckpt"), {}).get("samples_per_s")
+                plain = by_key.get((batch, "ours"), {}).get("samples_per_s") or by_key.get(
+                    (batch, "ours+ckpt"), {}
+                ).get("samples_per_s")
                 if s0 and plain:
                     entry["centroid_cost_pct"] = 100 * (s0 / plain - 1)  # extra time per sample of S = 16
                 rate = best["samples_per_s"]
                 entry["projection_hours_1_gpu"] = args.epochs * args.clips / rate / 3600
                 entry["projection_hours_8_gpus_linear"] = entry["projection_hours_1_gpu"] / 8
             summary["per_batch"][str(batch)] = entry
-        summary["projection"] = {"clips": args.clips, "epochs": args.epochs, "note": "epochs x clips / best samples/s; 8 GPUs assume linear scaling"}
+        summary["projection"] = {
+            "clips": args.clips,
+            "epochs": args.epochs,
+            "note": "epochs x clips / best samples/s; 8 GPUs assume linear scaling",
+        }
 
         for r in rows:
             if r.get("note") is None and r["variant"] == "ours+ckpt" and r["batch"] not in fitted:
@@ -479,7 +499,9 @@ def main(argv: list[str] | None = None) -> int:
                 parts.append(f"{entry['speedup_vs_authors_gpu_part']:.2f}x authors' GPU part")
             if "centroid_cost_pct" in entry:
                 parts.append(f"centroid S=16 costs {entry['centroid_cost_pct']:+.1f} %")
-            parts.append(f"{args.epochs} epochs x {args.clips:,} clips: {entry['projection_hours_1_gpu']:.0f} h on 1 device")
+            parts.append(
+                f"{args.epochs} epochs x {args.clips:,} clips: {entry['projection_hours_1_gpu']:.0f} h on 1 device"
+            )
             print(", ".join(parts))
     save(complete=True)
     return 0

@@ -110,23 +110,35 @@ def _semantic_problems(config: dict) -> list[str]:
     for section in ("pretrain", "finetune", "retrieval"):
         for name, run in config.get(section, {}).items():
             if run["dataset"] not in datasets:
-                problems.append(f"config key '{section}.{name}.dataset': {run['dataset']!r} is not defined under `datasets`")
+                problems.append(
+                    f"config key '{section}.{name}.dataset': {run['dataset']!r} is not defined under `datasets`"
+                )
             if section != "pretrain" and run["pretrained"] not in config.get("pretrain", {}):
-                problems.append(f"config key '{section}.{name}.pretrained': {run['pretrained']!r} is not a `pretrain` run")
+                problems.append(
+                    f"config key '{section}.{name}.pretrained': {run['pretrained']!r} is not a `pretrain` run"
+                )
     for name, dataset in datasets.items():
         if not all(ch.isalnum() or ch in "_-" for ch in name):
             problems.append(f"config key 'datasets.{name}': data set names may hold only letters, digits, '_' and '-'")
         for i, entry in enumerate(dataset.get("lists", [])):
             if "path" not in entry and "url" not in entry:
-                problems.append(f"config key 'datasets.{name}.lists.{i}': give `path` (a local file, or folder for speechcommands) or `url` (to fetch it)")
+                problems.append(
+                    f"config key 'datasets.{name}.lists.{i}': give `path` (a local file, or folder for speechcommands) or `url` (to fetch it)"
+                )
             if entry["format"] == "audioset" and "split" not in entry:
-                problems.append(f"config key 'datasets.{name}.lists.{i}': an audioset list needs `split` (e.g. train or eval)")
+                problems.append(
+                    f"config key 'datasets.{name}.lists.{i}': an audioset list needs `split` (e.g. train or eval)"
+                )
         classes = dataset.get("classes", {})
         if classes.get("format") in ("audioset", "vggsound_stat") and not ({"path", "url"} & set(classes)):
-            problems.append(f"config key 'datasets.{name}.classes': give `path` or `url` for the {classes['format']} class list")
+            problems.append(
+                f"config key 'datasets.{name}.classes': give `path` or `url` for the {classes['format']} class list"
+            )
         features = dataset.get("features", {})
         if "video" in dataset.get("modalities", []) and features.get("num_frames") == 0:
-            problems.append(f"config key 'datasets.{name}.features.num_frames': 0 frames but `modalities` includes video")
+            problems.append(
+                f"config key 'datasets.{name}.features.num_frames': 0 frames but `modalities` includes video"
+            )
         if "video" not in dataset.get("modalities", ["video"]) and features.get("num_frames", 0) > 0:
             problems.append(
                 f"config key 'datasets.{name}.features.num_frames': an audio-only data set keeps no frames; set it to 0"

@@ -53,6 +53,7 @@ from equiav.data.status import DECODE_ERROR, NO_AUDIO, NO_VIDEO, TOO_SHORT
 from equiav.eval.retrieval import draw_centroid_params
 from equiav.model import EquiAV, ModelConfig, convert_release_state_dict
 from equiav.model.convert import RELEASE_PREFIX
+from equiav.options import add_device, add_pretrained, add_workers, resolve_device
 from equiav.train.checkpoint import load_weights
 
 __all__ = [
@@ -63,6 +64,8 @@ __all__ = [
     "VIDEO_EXTENSIONS",
     "EmbeddingModel",
     "Embeddings",
+    "add_embed_arguments",
+    "add_retrieve_arguments",
     "collect_inputs",
     "embed_files",
     "load_embedding_model",
@@ -71,6 +74,8 @@ __all__ = [
     "main_embed",
     "main_retrieve",
     "rank_clips",
+    "run_embed",
+    "run_retrieve",
     "save_embeddings",
 ]
 
@@ -247,8 +252,10 @@ def _stored_norm(state: Mapping[str, Any]) -> tuple[float, float] | None:
     """(mean, std) of an export of this project: ``norm_stats`` (pre-training) or ``norm``."""
     for key in ("norm_stats", "norm"):
         stats = state.get(key)
-        if isinstance(stats, Mapping) and isinstance(stats.get("mean"), (int, float)) and isinstance(
-            stats.get("std"), (int, float)
+        if (
+            isinstance(stats, Mapping)
+            and isinstance(stats.get("mean"), (int, float))
+            and isinstance(stats.get("std"), (int, float))
         ):
             return float(stats["mean"]), float(stats["std"])
     return None
@@ -535,24 +542,27 @@ def rank_clips(query: Embeddings, keys: Embeddings, *, direction: str = "a2v", r
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpoint", required=True, help="model.pt of the pre-train stage (or a release file with --release)"
-    )
-    p.add_argument("--release", action="store_true", help="the checkpoint is the authors' release (converted on load)")
-    p.add_argument("--mean", type=float, help="fbank normalisation mean (default: the checkpoint's)")
-    p.add_argument("--std", type=float, help="fbank normalisation std (default: the checkpoint's)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the centroid parameter vectors")
-    p.add_argument("--samples", type=int, default=16, help="parameter vectors per centroid (S)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=1, help="files decoded concurrently")
-    p.add_argument("--offset", type=float, default=0.0, help="seconds skipped at the start of every file")
-    p.add_argument("--duration", type=float, help="seconds embedded per file (default: to the end)")
+    model = p.add_argument_group("model")
+    # --checkpoint: the name before the command tree shared --pretrained (kept for scripts, hidden).
+    name = model.add_mutually_exclusive_group(required=True)
+    add_pretrained(name, "model.pt of the pre-train stage (or a release file with --release)", required=False)
+    name.add_argument("--checkpoint", dest="pretrained", help=argparse.SUPPRESS)
+    model.add_argument("--release", action="store_true", help="the file is the authors' release (converted on load)")
+    model.add_argument("--mean", type=float, help="fbank normalisation mean (default: the checkpoint's)")
+    model.add_argument("--std", type=float, help="fbank normalisation std (default: the checkpoint's)")
+    add_device(model)
+    embedding = p.add_argument_group("embedding")
+    embedding.add_argument("--seed", type=int, default=0, help="seed of the centroid parameter vectors")
+    embedding.add_argument("--samples", type=int, default=16, help="parameter vectors per centroid (S)")
+    embedding.add_argument("--batch-size", type=int, default=16, help="clips embedded per batch")
+    add_workers(embedding, 1, "files decoded concurrently")
+    embedding.add_argument("--offset", type=float, default=0.0, help="seconds skipped at the start of every file")
+    embedding.add_argument("--duration", type=float, help="seconds embedded per file (default: to the end)")
 
 
 def _load_from_args(args: argparse.Namespace) -> EmbeddingModel:
     return load_embedding_model(
-        args.checkpoint, release=args.release, mean=args.mean, std=args.std, device=args.device
+        args.pretrained, release=args.release, mean=args.mean, std=args.std, device=resolve_device(args.device)
     )
 
 
@@ -569,21 +579,15 @@ def _embed_with_args(inputs: Sequence[str], model: EmbeddingModel, args: argpars
     )
 
 
-def build_embed_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="equiav embed",
-        description="Write audio and visual embeddings (inter-modal centroid and pooled features) of video files.",
-    )
+def add_embed_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``equiav embed``."""
     p.add_argument("inputs", nargs="+", help="video files and/or folders (a folder: its video files)")
     p.add_argument("--out", required=True, help="the output file (.npz)")
     _model_arguments(p)
-    return p
 
 
-def build_retrieve_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="equiav retrieve", description="Rank a folder of clips by a query clip across modalities."
-    )
+def add_retrieve_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``equiav retrieve``."""
     p.add_argument("--query", required=True, help="the query video file")
     p.add_argument("--folder", required=True, help="the folder of candidate clips")
     p.add_argument(
@@ -591,7 +595,6 @@ def build_retrieve_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top", type=int, default=10, help="clips to print (0: all)")
     _model_arguments(p)
-    return p
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -600,11 +603,17 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def main_embed(argv: Sequence[str] | None = None) -> int:
-    """``equiav embed INPUTS... --checkpoint PATH [--release] --out FILE``.
+    """``equiav embed ARGV``."""
+    from equiav.cli import main as equiav_main
+
+    return equiav_main(["embed", *(sys.argv[1:] if argv is None else argv)])
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    """``equiav embed INPUTS... --pretrained PATH [--release] --out FILE``.
 
     Exit status: 0 when at least one clip was embedded (skipped files are listed on stderr and
     in the file's ``failed_*`` arrays), 1 when none could be, 2 for a usage error."""
-    args = build_embed_parser().parse_args(argv)
     if not args.out.endswith(".npz"):
         return _fail(f"--out must name a .npz file, got {args.out!r}")
     try:
@@ -623,9 +632,15 @@ def main_embed(argv: Sequence[str] | None = None) -> int:
 
 
 def main_retrieve(argv: Sequence[str] | None = None) -> int:
-    """``equiav retrieve --query CLIP --folder DIR --checkpoint PATH [--direction a2v|v2a]
+    """``equiav retrieve ARGV``."""
+    from equiav.cli import main as equiav_main
+
+    return equiav_main(["retrieve", *(sys.argv[1:] if argv is None else argv)])
+
+
+def run_retrieve(args: argparse.Namespace) -> int:
+    """``equiav retrieve --query CLIP --folder DIR --pretrained PATH [--direction a2v|v2a]
     [--top K]``: prints rank, cosine similarity and clip id, most similar first."""
-    args = build_retrieve_parser().parse_args(argv)
     if args.top < 0:
         return _fail(f"--top must be >= 0 (0: every clip), got {args.top}")
     if not Path(args.query).is_file():
@@ -654,14 +669,14 @@ def main_retrieve(argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m equiav.embed embed ...`` / ``python -m equiav.embed retrieve ...``."""
+    """``python -m equiav.embed {embed,retrieve} ...``: the same as ``equiav embed|retrieve ...``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"embed": main_embed, "retrieve": main_retrieve}
-    if not argv or argv[0] not in commands:
+    if not argv or argv[0] not in ("embed", "retrieve"):
         return _fail("usage: python -m equiav.embed {embed,retrieve} ... (--help after the command for its options)")
-    return commands[argv[0]](argv[1:])
+    from equiav.cli import main as equiav_main
+
+    return equiav_main(argv)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     sys.exit(main())

@@ -17,13 +17,19 @@ srun, torchrun and the training processes, which save a checkpoint and stop.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["RENDEZVOUS_PORTS", "launch_command", "main", "rendezvous_port", "slurm_hostnames"]
+from equiav.options import verbosity_flags
+
+__all__ = ["RENDEZVOUS_PORTS", "add_arguments", "launch_command", "main", "rendezvous_port", "run", "slurm_hostnames"]
+
+log = logging.getLogger(__name__)
 
 # Rendezvous ports: job id modulo the range, above the common service ports and below the
 # ephemeral range of Linux (32768+).
@@ -87,17 +93,38 @@ def launch_command(
     ]  # fmt: skip
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="equiav launch", description=__doc__.splitlines()[0])
-    parser.add_argument("--gpus", type=int, default=0, help="GPUs per node (0: CPU)")
-    parser.add_argument("--nodes", type=int, default=1, help="nodes of the SLURM allocation")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the equiav command and its options")
-    args = parser.parse_args(argv)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpus", type=int, default=0, help="GPUs per node (0: the CPU, one process)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes of the SLURM allocation")
+    p.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND ...",
+        help="the equiav command and its options, after `--`",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    argv_out = launch_command(command, gpus=args.gpus, nodes=args.nodes, env=os.environ)
+    if command:
+        # The launched command logs as this one does: `equiav -v launch ...` gives a verbose run.
+        command = [*verbosity_flags(getattr(args, "verbosity", 0)), *command]
+    try:
+        argv_out = launch_command(command, gpus=args.gpus, nodes=args.nodes, env=os.environ)
+    except (RuntimeError, ValueError) as err:
+        raise SystemExit(f"equiav launch: {err}") from None
     if argv_out[:3] == [sys.executable, "-m", "equiav"]:
         from equiav.cli import main as equiav_main
 
         return equiav_main(command)
+    log.info("launching %s", shlex.join(argv_out))
+    sys.stderr.flush()
     os.execvp(argv_out[0], argv_out)
     return 0  # not reached
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``equiav launch ARGV`` (the command tree is equiav.cli's)."""
+    from equiav.cli import main as equiav_main
+
+    return equiav_main(["launch", *(sys.argv[1:] if argv is None else argv)])

@@ -267,10 +267,7 @@ class EquiAVLoss(nn.Module):
         self.inter = InterModalLoss(temperature)
 
     def extra_repr(self) -> str:
-        return (
-            f"weight_inter={self.weight_inter}, weight_audio={self.weight_audio}, "
-            f"weight_visual={self.weight_visual}"
-        )
+        return f"weight_inter={self.weight_inter}, weight_audio={self.weight_audio}, weight_visual={self.weight_visual}"
 
     def forward(self, outputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Losses and training accuracies from the model's outputs.

@@ -7,8 +7,8 @@ import re
 import shutil
 
 import pytest
-
 from data_sets import esc50_folder, snapshot, tar_folder, user_list, zip_folder
+
 from equiav.config import ConfigError, validate_config
 from equiav.data import archives
 from equiav.data.archives import ArchiveError, archive_source, fetch_archive, fetch_url, unpack_local_archive
@@ -22,7 +22,10 @@ def esc50_zip(tmp_path):
 
 
 def esc50_config(tmp_path, **archive) -> dict:
-    return {"run": ["esc50"], "datasets": {"esc50": {"archive": archive, "lists": [{"format": "esc50", "path": "x.csv"}]}}}
+    return {
+        "run": ["esc50"],
+        "datasets": {"esc50": {"archive": archive, "lists": [{"format": "esc50", "path": "x.csv"}]}},
+    }
 
 
 def test_path_takes_precedence_over_url_and_names_its_kind(tmp_path, esc50_zip):
@@ -142,7 +145,9 @@ def test_no_usable_clip_shows_the_rejected_rows(tmp_path):
     good = user_list(tmp_path / "mine")
     bad = tmp_path / "bad.csv"
     lines = good.read_text().splitlines()
-    bad.write_text("\n".join([lines[0]] + [",".join(line.split(",")[:4] + ["", line.split(",")[5]]) for line in lines[1:]]))
+    bad.write_text(
+        "\n".join([lines[0]] + [",".join(line.split(",")[:4] + ["", line.split(",")[5]]) for line in lines[1:]])
+    )
     settings = {"lists": [{"format": "user", "path": str(bad)}], "shard_size": 10, "max_bad_fraction": 1.0}
     with pytest.raises(ListError, match=r"check each list's `path` and `format`. Rejected rows:\n  .*bad.csv:2: "):
         build_manifest(settings, tmp_path / "out", tmp_path / "shards")

@@ -26,7 +26,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from workflow_runner import REPO, small_demo_config, snakemake, snakemake_command
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -47,7 +46,9 @@ def _started(stdout: str | bytes | None) -> list[str]:
 def _stop(daemons: list[str]) -> subprocess.CompletedProcess | None:
     if not daemons:
         return None
-    return subprocess.run(["bash", str(CLUSTER / "slurm_down.sh"), *daemons], capture_output=True, text=True, check=False)
+    return subprocess.run(
+        ["bash", str(CLUSTER / "slurm_down.sh"), *daemons], capture_output=True, text=True, check=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,9 @@ def slurm_cluster():
         pytest.fail(f"tests/cluster/slurm_up.sh failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     yield
     down = _stop(started)
-    assert down is None or down.returncode == 0, f"slurm_down.sh {' '.join(started)} failed:\n{down.stdout}\n{down.stderr}"
+    assert down is None or down.returncode == 0, (
+        f"slurm_down.sh {' '.join(started)} failed:\n{down.stdout}\n{down.stderr}"
+    )
 
 
 @dataclass
@@ -94,7 +97,9 @@ def _sacct(run_ids: list[str], since: str) -> list[dict[str, str]]:
 
 
 def _state(job: str) -> str:
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-j", job, "-o", "State"], capture_output=True, text=True, check=False
+    )
     return out.stdout.strip()
 
 
@@ -213,7 +218,7 @@ def slurm_run(slurm_cluster, tmp_path_factory, request) -> SlurmRun:
         try:
             checkpoints = work / "data" / "pretrain" / "long" / "checkpoints"
             cancel["result"] = _cancel_long_pretraining(first, checkpoints, first_log)
-        except BaseException as e:  # noqa: BLE001 - raised again below
+        except BaseException as e:
             cancel["error"] = e
 
     watcher = threading.Thread(target=cancel_long, daemon=True)

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import yaml
-
 from workflow_runner import REPO, small_demo_config, snakemake
 
 
@@ -74,3 +73,34 @@ def test_replace_workflow_config_leaves_config_yaml_out_in_both(tmp_path):
 def test_validate_config_names_a_missing_file(tmp_path):
     checked = validate(tmp_path / "nope.yaml", cwd=REPO)
     assert checked.returncode == 2 and "nope.yaml: No such file or directory" in checked.stderr
+
+
+RELEASE_SWITCHES = (
+    "release_mask_units",
+    "release_crop_axes",
+    "release_clamp",
+    "release_time_shift",
+    "release_coupled_shift",
+)
+
+
+def test_the_release_switches_are_pretraining_settings(tmp_path):
+    """docs/method.md's options that restore the release: `pretrain.<run>.settings.audio_augment`
+    keys, accepted by validate-config and turned into the AudioAugmentConfig that training builds;
+    a misspelt one stops the workflow, named."""
+    from equiav.config import load_config
+    from equiav.train.pretrain import PretrainSettings
+
+    switches = {name: True for name in RELEASE_SWITCHES}
+    given = tmp_path / "release.yaml"
+    given.write_text(yaml.safe_dump({"pretrain": {"demo": {"settings": {"audio_augment": switches}}}}))
+    checked = validate(small_demo_config(tmp_path), given, cwd=tmp_path)
+    assert checked.returncode == 0 and checked.stdout.strip() == "valid: run demo", checked.stderr
+    settings = load_config(small_demo_config(tmp_path), given)["pretrain"]["demo"]["settings"]
+    config = PretrainSettings.from_dict(settings).audio_augment_config()
+    assert all(getattr(config, name) is True for name in RELEASE_SWITCHES)
+
+    given.write_text(yaml.safe_dump({"pretrain": {"demo": {"settings": {"audio_augment": {"release_clamps": True}}}}}))
+    checked = validate(small_demo_config(tmp_path), given, cwd=tmp_path)
+    assert checked.returncode == 2
+    assert "config key 'pretrain.demo.settings'" in checked.stderr and "'release_clamps'" in checked.stderr

@@ -13,7 +13,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from data_sets import esc50_folder, snapshot, speech_commands_folder, tar_folder, user_list, zip_folder
 from workflow_runner import REPO, small_demo_config, snakemake, snakemake_command
 
@@ -60,7 +59,9 @@ def test_esc50_preset_with_a_local_archive_file(tmp_path):
     zipped = zip_folder(esc50_folder(tmp_path / "src"), tmp_path / "ESC-50-master.zip")
     esc50 = PRESETS / "esc50.yaml"
     # No network in the test: a URL that cannot be fetched stands in for GitHub's.
-    broken = write_config(tmp_path / "broken.yaml", {**dirs(tmp_path), **small_esc50({"url": f"file://{tmp_path}/gone.zip"})})
+    broken = write_config(
+        tmp_path / "broken.yaml", {**dirs(tmp_path), **small_esc50({"url": f"file://{tmp_path}/gone.zip"})}
+    )
     proc = run(tmp_path, esc50, broken, check=False)
     assert proc.returncode != 0
     log = (tmp_path / "results/esc50/logs/fetch_archive.log").read_text()
@@ -179,6 +180,6 @@ def test_a_list_url_and_a_relative_audio_dir_with_an_archive_folder(tmp_path):
     proc = snakemake("-n", "-p", "--configfile", str(PRESETS / "esc50.yaml"), str(mine), cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert re.search(r"^fetch_list\s+1$", out, re.M) and re.search(r"^manifest\s+1$", out, re.M)
-    manifest_job = out[out.index("checkpoint manifest:"):].split("\n\n")[0]
+    manifest_job = out[out.index("checkpoint manifest:") :].split("\n\n")[0]
     assert f"{tmp_path}/data/esc50/lists/0-esc50.csv" in manifest_job  # waits for the fetched list
     assert f'"audio_dir": "{folder}/ESC-50-master/audio"' in out

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import make_clip
+from media_server import MediaServer
 
 from equiav.data import status as st
 from equiav.data.download import DownloadSettings, FetchError, ShardDownloader, download_shard, source_kind
 from equiav.data.media import check_media
 from equiav.data.status import classify_error
-from conftest import make_clip
-from media_server import MediaServer
 
 SEGMENT = (1.0, 4.0)
 
@@ -266,7 +266,9 @@ def test_a_server_error_then_success_in_the_same_job(served, tmp_path):
 def test_a_transient_failure_is_attempted_retries_plus_one_times(served, tmp_path, retries):
     pauses: list[float] = []
     with MediaServer(served) as server:
-        downloader = ShardDownloader(tmp_path / "media", _fast(retries=retries, backoff_seconds=1.0), sleep=pauses.append)
+        downloader = ShardDownloader(
+            tmp_path / "media", _fast(retries=retries, backoff_seconds=1.0), sleep=pauses.append
+        )
         rows = downloader.run(_clips([("c", f"{server.url}/status503/good.mp4")]))
     assert rows["status"].tolist() == [st.OTHER] and not rows["final"].iloc[0]
     assert rows["attempts"].tolist() == [retries + 1]
@@ -281,7 +283,10 @@ YOUTUBE_IDS = [f"yt{i:09d}" for i in range(12)]  # 11 characters: YouTube ids, n
 
 def _youtube_clips(ids: list[str]) -> pd.DataFrame:
     return pd.DataFrame(
-        [{"clip_id": f"{i}_000001", "source": i, "start": 1.0, "end": 4.0, "labels": "a", "split": "train"} for i in ids]
+        [
+            {"clip_id": f"{i}_000001", "source": i, "start": 1.0, "end": 4.0, "labels": "a", "split": "train"}
+            for i in ids
+        ]
     )
 
 

@@ -13,7 +13,6 @@ import time
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import make_clip
 from media_server import MediaServer
 from workflow_runner import REPO, snakemake, snakemake_command
@@ -26,7 +25,14 @@ def _user_data_set(work, server, rows: list[tuple[str, str]], **download) -> lis
     work.mkdir(exist_ok=True)
     pd.DataFrame(
         [
-            {"clip_id": cid, "source": f"{server.url}/{path}", "start": 0.5, "end": 3.5, "labels": "x", "split": "train"}
+            {
+                "clip_id": cid,
+                "source": f"{server.url}/{path}",
+                "start": 0.5,
+                "end": 3.5,
+                "labels": "x",
+                "split": "train",
+            }
             for cid, path in rows
         ]
     ).to_csv(work / "clips.csv", index=False)
@@ -73,7 +79,11 @@ def test_transient_clips_are_retried_by_the_documented_command(served, tmp_path)
         assert "Nothing to be done" in rerun.stdout + rerun.stderr
 
         listed = subprocess.run(
-            [sys.executable, "-m", "equiav", "transient", "results"], cwd=work, capture_output=True, text=True, check=True
+            [sys.executable, "-m", "equiav", "transient", "results"],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         assert listed.stdout.split() == ["results/clips/download/00000.csv"]
         assert "1 transient clip(s) in 1 shard(s)" in listed.stderr
@@ -89,7 +99,9 @@ def test_transient_clips_are_retried_by_the_documented_command(served, tmp_path)
     assert "transient" not in (work / "results/clips/availability.md").read_text()
     assert "failed for a passing reason" not in retried.stderr
     # Nothing left to retry: the command prints nothing, and `--forcerun` with nothing forces nothing.
-    listed = subprocess.run([sys.executable, "-m", "equiav", "transient", "results"], cwd=work, capture_output=True, text=True)
+    listed = subprocess.run(
+        [sys.executable, "-m", "equiav", "transient", "results"], cwd=work, capture_output=True, text=True
+    )
     assert listed.returncode == 0 and listed.stdout == ""
     rerun = snakemake(*profile, "--forcerun", cwd=work)
     assert "Nothing to be done" in rerun.stdout + rerun.stderr
@@ -104,7 +116,9 @@ def test_a_killed_workflow_fetches_no_finished_clip_again(served, tmp_path):
         profile = _user_data_set(work, server, rows, workers=1)
         targets = ["results/clips/status.csv"]
         cmd, env = snakemake_command(*targets, *profile, "--cores", "1")
-        job = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        job = subprocess.Popen(
+            cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         journals = [work / f"data/clips/media/{shard}/journal.csv" for shard in ("00000", "00001")]
         deadline = time.time() + 180
         while time.time() < deadline and not any(j.exists() and len(j.read_text().splitlines()) >= 2 for j in journals):

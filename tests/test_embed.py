@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import make_clip
 
-from equiav.data.demo import DemoSettings, make_demo_clip, generate_demo
+from equiav.data.demo import DemoSettings, generate_demo, make_demo_clip
 from equiav.data.features import FeatureSettings, extract_shard
 from equiav.data.store import compute_norm_stats
 from equiav.embed import (

@@ -5,17 +5,17 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 # Not needed inside the jobs: the workflow runner itself.
 RUNNER = {"snakemake", "snakemake-executor-plugin-slurm"}
 # Needed only by the data rules (downloads and decoding media).
-DOWNLOAD_TOOLS = {"yt-dlp", "deno", "yt-dlp-ejs", "imageio-ffmpeg", "ffmpeg-python"}
+DOWNLOAD_TOOLS = {"yt-dlp", "deno", "yt-dlp-ejs", "imageio-ffmpeg"}
 # What the training env's rules import: `python -m equiav <command>` of train.smk, evaluate.smk
 # and report.smk's pictures.
 TRAIN_COMMANDS = ("pretrain", "finetune", "retrieval", "report")

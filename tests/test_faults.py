@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import make_clip
+from media_server import MediaServer, refused_url
 
 from equiav.data import status as st
 from equiav.data.availability import gather
 from equiav.data.download import DownloadSettings, download_shard
 from equiav.data.features import FeatureSettings, extract_shard
 from equiav.data.store import read_index
-from conftest import make_clip
-from media_server import MediaServer, refused_url
 
 # A YouTube-like segment: it starts later than the download margin, so the fetched file
 # begins before the segment and the offset of the segment in it is the margin.
@@ -105,15 +105,23 @@ def test_the_fault_matrix(served, tmp_path):
         downloads = download_shard(shard, tmp_path / "media", tmp_path / "download.csv", settings)
     extracted = extract_shard(downloads, tmp_path / "shard.h5", features, workers=2)
     extracted.to_csv(tmp_path / "features.csv", index=False)
-    status, usable = gather(tmp_path / "manifest.csv", [tmp_path / "download.csv"], [tmp_path / "features.csv"], [tmp_path / "shard.h5"])
+    status, usable = gather(
+        tmp_path / "manifest.csv", [tmp_path / "download.csv"], [tmp_path / "features.csv"], [tmp_path / "shard.h5"]
+    )
 
     assert status["clip_id"].tolist() == clips["clip_id"].tolist()  # exactly one row per clip
     got = status.set_index("clip_id")
     expected = {cid: outcome for cid, _, _, outcome in MATRIX}
-    wrong = {cid: (got.loc[cid, "status"], got.loc[cid, "detail"][:160]) for cid in expected if got.loc[cid, "status"] != expected[cid]}
+    wrong = {
+        cid: (got.loc[cid, "status"], got.loc[cid, "detail"][:160])
+        for cid in expected
+        if got.loc[cid, "status"] != expected[cid]
+    }
     assert not wrong, f"outcomes differ from the matrix: {wrong}"
     for cid, outcome in expected.items():
         assert got.loc[cid, "final"] == (outcome in st.FINAL), cid
     # The HDF5 shard holds exactly the ok clips.
-    assert sorted(read_index([tmp_path / "shard.h5"])["clip_id"]) == sorted(c for c, o in expected.items() if o == st.OK)
+    assert sorted(read_index([tmp_path / "shard.h5"])["clip_id"]) == sorted(
+        c for c, o in expected.items() if o == st.OK
+    )
     assert sorted(usable["clip_id"]) == ["ok-http", "ok-path"]

@@ -147,7 +147,10 @@ def test_silence_is_its_own_final_outcome(clip_factory, tmp_path):
     downloads = downloads_table(
         [
             {"clip_id": "zeros", "file": clip_factory("zeros.mp4", 1.5, audio_expr="0")},
-            {"clip_id": "quiet", "file": clip_factory("quiet.wav", 1.5, audio_expr="0.0003*sin(2*PI*440*t)", with_video=False)},
+            {
+                "clip_id": "quiet",
+                "file": clip_factory("quiet.wav", 1.5, audio_expr="0.0003*sin(2*PI*440*t)", with_video=False),
+            },
             {"clip_id": "loud", "file": clip_factory("loud.mp4", 1.5)},
         ]
     )

@@ -39,9 +39,7 @@ VGGSOUND_TEST = DATA / "vggsound_test_excerpt.csv"
 VGGSOUND_4COL = DATA / "vggsound_4col_excerpt.csv"
 ESC50 = DATA / "esc50_excerpt.csv"
 SAFE_ID = re.compile(r"[A-Za-z0-9_.-]+\Z")
-ID_RULE = (
-    "a clip id names files, so it must be 1 to 200 characters of A-Z a-z 0-9 _ . - and must not start with '.'"
-)
+ID_RULE = "a clip id names files, so it must be 1 to 200 characters of A-Z a-z 0-9 _ . - and must not start with '.'"
 
 
 @pytest.fixture(scope="module")
@@ -412,7 +410,11 @@ def test_speech_commands(tmp_path: Path) -> None:
         "zero_1b4c9b89_nohash_0": "train",
     }
     row = _row(parsed, "zero_1b4c9b89_nohash_0")
-    assert (row["source"], row["labels"], row["start"]) == (str(tmp_path / "zero" / "1b4c9b89_nohash_0.wav"), "zero", 0.0)
+    assert (row["source"], row["labels"], row["start"]) == (
+        str(tmp_path / "zero" / "1b4c9b89_nohash_0.wav"),
+        "zero",
+        0.0,
+    )
     assert math.isnan(row["end"])
 
 
@@ -627,7 +629,7 @@ def test_a_stray_quote_is_one_problem_and_the_following_lines_are_read(tmp_path:
     [
         (
             "audioset",
-            "# YTID, \"start_seconds, end_seconds, positive_labels\n"  # 1 a comment, even with a stray quote
+            '# YTID, "start_seconds, end_seconds, positive_labels\n'  # 1 a comment, even with a stray quote
             '--PJHxphWEs, 30.000, 40.000, "/m/09x0r,/t/dd00088\n'  # 2
             '--ZhevVpy1s, 50.000, 60.000, "/m/012xff"\n'  # 3
             '--aE2O5G5WE, 0.000, 10.000, "/m/03fwl"\n',  # 4
@@ -810,7 +812,10 @@ def test_combine_duplicates_inside_one_list(tmp_path: Path) -> None:
         + "b,/b.wav,0,,dog,train\n",  # 5: identical repeat
     )
     parsed = read_user_list(path)
-    with pytest.raises(ListError, match=r"^1 clip id appears more.*a: labels 'dog' vs 'cat' \(\S*mine\.csv line 2 vs \S*mine\.csv line 4\)"):
+    with pytest.raises(
+        ListError,
+        match=r"^1 clip id appears more.*a: labels 'dog' vs 'cat' \(\S*mine\.csv line 2 vs \S*mine\.csv line 4\)",
+    ):
         combine_lists([parsed])
     combined = combine_lists([parsed], on_duplicate="first")
     assert combined.manifest["clip_id"].tolist() == ["a", "b"]
@@ -864,7 +869,9 @@ def test_check_bad_fraction(tmp_path: Path, audioset_classes: pd.DataFrame, vggs
     # VGGSound's test list read as AudioSet: every row is malformed.
     wrong = read_audioset_segments(VGGSOUND_TEST, "test", audioset_classes)
     assert len(wrong.manifest) == 0 and wrong.rows_read == 30
-    with pytest.raises(ListError, match=r"^30 of 30 rows of test\.csv could not be parsed \(first: line 1: expected 4 fields"):
+    with pytest.raises(
+        ListError, match=r"^30 of 30 rows of test\.csv could not be parsed \(first: line 1: expected 4 fields"
+    ):
         check_bad_fraction(wrong, "test.csv", 0.01)
     with pytest.raises(ListError, match=r"no data rows"):
         check_bad_fraction(read_vggsound_list(_write(tmp_path / "empty.csv", "\n"), vggsound_classes), "empty.csv", 0.5)

@@ -115,9 +115,7 @@ def _official_number(value) -> str:
 FORMAT = {
     "audioset_official": Format(
         ["YTID", "start", "end", "labels"],
-        lambda f: ", ".join(
-            [f["YTID"], _official_number(f["start"]), _official_number(f["end"]), quoted(f["labels"])]
-        ),
+        lambda f: ", ".join([f["YTID"], _official_number(f["start"]), _official_number(f["end"]), quoted(f["labels"])]),
         {
             "YTID": ["--PJHxphWEs1", "--PJHxphWE", "--PJHx.hWEs", ""],
             "start": ["abc", "nan", "-1", "inf", ""],
@@ -211,8 +209,14 @@ def audioset_clips(draw, split: str) -> list[Clip]:
         clips.append(
             Clip(
                 {"YTID": ytid, "start": start, "end": end, "labels": ",".join(labels)},
-                {"clip_id": youtube_clip_id(ytid, start), "source": ytid, "start": start, "end": end,
-                 "labels": ";".join(labels), "split": split},
+                {
+                    "clip_id": youtube_clip_id(ytid, start),
+                    "source": ytid,
+                    "start": start,
+                    "end": end,
+                    "labels": ";".join(labels),
+                    "split": split,
+                },
             )  # fmt: skip
         )
     return clips
@@ -227,8 +231,14 @@ def vggsound_clips(draw) -> list[Clip]:
         clips.append(
             Clip(
                 {"YTID": ytid, "start": written, "label": label, "split": split},
-                {"clip_id": youtube_clip_id(ytid, start), "source": ytid, "start": start, "end": start + 10.0,
-                 "labels": label, "split": split},
+                {
+                    "clip_id": youtube_clip_id(ytid, start),
+                    "source": ytid,
+                    "start": start,
+                    "end": start + 10.0,
+                    "labels": label,
+                    "split": split,
+                },
             )  # fmt: skip
         )
     return clips
@@ -242,8 +252,14 @@ def vggsound_test_clips(draw) -> list[Clip]:
         clips.append(
             Clip(
                 {"name": f"{ytid}_{start:06d}.mp4", "label": label},
-                {"clip_id": youtube_clip_id(ytid, float(start)), "source": ytid, "start": float(start),
-                 "end": start + 10.0, "labels": label, "split": "test"},
+                {
+                    "clip_id": youtube_clip_id(ytid, float(start)),
+                    "source": ytid,
+                    "start": float(start),
+                    "end": start + 10.0,
+                    "labels": label,
+                    "split": "test",
+                },
             )  # fmt: skip
         )
     return clips
@@ -262,10 +278,23 @@ def esc50_clips(draw, audio: Path) -> tuple[list[Clip], list[str]]:
         filename = f"{stem}.wav"
         clips.append(
             Clip(
-                {"filename": filename, "fold": fold, "target": target, "category": categories[target],
-                 "esc10": "False", "src_file": "100", "take": "A"},
-                {"clip_id": stem, "source": str(audio / filename), "start": 0.0, "end": math.nan,
-                 "labels": categories[target], "split": f"fold{fold}"},
+                {
+                    "filename": filename,
+                    "fold": fold,
+                    "target": target,
+                    "category": categories[target],
+                    "esc10": "False",
+                    "src_file": "100",
+                    "take": "A",
+                },
+                {
+                    "clip_id": stem,
+                    "source": str(audio / filename),
+                    "start": 0.0,
+                    "end": math.nan,
+                    "labels": categories[target],
+                    "split": f"fold{fold}",
+                },
             )  # fmt: skip
         )
     return clips, categories
@@ -276,16 +305,27 @@ def user_clips(draw, order: list[str]) -> list[Clip]:
     for _ in range(draw(st.integers(1, 8))):
         clip_id, source, split = draw(clip_ids), draw(texts()), draw(texts())
         start = draw(st.floats(min_value=0.0, max_value=1e6, allow_nan=False, allow_infinity=False))
-        end = draw(
-            st.one_of(st.none(), st.floats(min_value=start, max_value=2e6, exclude_min=True, allow_nan=False))
-        )
+        end = draw(st.one_of(st.none(), st.floats(min_value=start, max_value=2e6, exclude_min=True, allow_nan=False)))
         labels = draw(st.lists(texts(forbidden=";"), min_size=1, max_size=3))
         clips.append(
             Clip(
-                {"clip_id": clip_id, "source": source, "start": start, "end": "" if end is None else end,
-                 "labels": ";".join(labels), "split": split, "__order__": order},
-                {"clip_id": clip_id, "source": source, "start": start, "end": math.nan if end is None else end,
-                 "labels": ";".join(labels), "split": split},
+                {
+                    "clip_id": clip_id,
+                    "source": source,
+                    "start": start,
+                    "end": "" if end is None else end,
+                    "labels": ";".join(labels),
+                    "split": split,
+                    "__order__": order,
+                },
+                {
+                    "clip_id": clip_id,
+                    "source": source,
+                    "start": start,
+                    "end": math.nan if end is None else end,
+                    "labels": ";".join(labels),
+                    "split": split,
+                },
             )  # fmt: skip
         )
     return clips

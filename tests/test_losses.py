@@ -251,7 +251,15 @@ def test_total_is_the_weighted_sum_of_the_terms() -> None:
     assert result["acc_intra_visual"].item() == pytest.approx(
         reference_intra_accuracy(outputs["visual_equi"], outputs["visual_aug"])
     )
-    assert set(result) == {"loss", "inter", "intra_audio", "intra_visual", "acc_inter", "acc_intra_audio", "acc_intra_visual"}
+    assert set(result) == {
+        "loss",
+        "inter",
+        "intra_audio",
+        "intra_visual",
+        "acc_inter",
+        "acc_intra_audio",
+        "acc_intra_visual",
+    }
 
 
 def test_release_weights_are_the_paper_loss_over_three() -> None:

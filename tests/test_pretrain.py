@@ -24,13 +24,23 @@ import pytest
 import torch
 import torchvision.io
 
+from equiav.augment import AudioAugmentConfig
 from equiav.data.features import FeatureSettings
 from equiav.data.store import FeatureDataset, ShardWriter
 from equiav.losses import EquiAVLoss
 from equiav.model import EquiAV, ModelConfig
 from equiav.train.checkpoint import Checkpointer, load_weights
+from equiav.train.common import DistInfo
 from equiav.train.data import DeviceAugmenter, GlobalBatchSampler, PretrainDataset
-from equiav.train.pretrain import METRICS, PretrainSettings, _phase, _PhaseObjective, main
+from equiav.train.pretrain import (
+    AUDIO_AUGMENT_SWITCHES,
+    METRICS,
+    Pretrainer,
+    PretrainSettings,
+    _phase,
+    _PhaseObjective,
+    main,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FEATURES = FeatureSettings(num_mel_bins=16, target_frames=64, num_frames=3, frame_size=32)
@@ -122,7 +132,9 @@ def _python_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
-def _start(data: dict[str, Path], run: Path, settings: dict[str, Any], max_steps: int | None = None) -> subprocess.Popen:
+def _start(
+    data: dict[str, Path], run: Path, settings: dict[str, Any], max_steps: int | None = None
+) -> subprocess.Popen:
     run.mkdir(parents=True, exist_ok=True)
     with (run / "output.txt").open("w") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
@@ -177,7 +189,10 @@ def test_resume_mid_epoch_equals_the_uninterrupted_run(data: dict[str, Path], re
     assert main(_argv(data, run, BASE, max_steps=4)) == 0  # stops mid-epoch with a checkpoint
     assert main(_argv(data, run, {**BASE, "num_workers": 1}, max_steps=12)) == 0  # may change
     assert _computed(_metrics(run)) == _computed(_metrics(reference))
-    ours, theirs = load_weights(run / "out" / "model.pt")["model"], load_weights(reference / "out" / "model.pt")["model"]
+    ours, theirs = (
+        load_weights(run / "out" / "model.pt")["model"],
+        load_weights(reference / "out" / "model.pt")["model"],
+    )
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
@@ -195,7 +210,10 @@ def test_sigkill_then_restart_resumes_exactly(data: dict[str, Path], reference: 
     assert main(_argv(data, run, BASE, max_steps=12)) == 0
     assert json.loads((run / "work" / "config.json").read_text())["resumed_from"]
     assert _computed(_metrics(run)) == _computed(_metrics(reference))  # no duplicate or missing step
-    ours, theirs = load_weights(run / "out" / "model.pt")["model"], load_weights(reference / "out" / "model.pt")["model"]
+    ours, theirs = (
+        load_weights(run / "out" / "model.pt")["model"],
+        load_weights(reference / "out" / "model.pt")["model"],
+    )
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
@@ -233,7 +251,10 @@ def test_two_gloo_processes_equal_one_process(data: dict[str, Path], first_steps
     for a, b in zip(two, one, strict=True):
         for key in ("loss", "inter", "intra_audio", "intra_visual", "acc_inter", "grad_norm", "lr"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), (a["step"], key)
-    ours, theirs = load_weights(run / "out" / "model.pt")["model"], load_weights(first_steps / "out" / "model.pt")["model"]
+    ours, theirs = (
+        load_weights(run / "out" / "model.pt")["model"],
+        load_weights(first_steps / "out" / "model.pt")["model"],
+    )
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5, msg=key)
     assert json.loads((run / "work" / "config.json").read_text())["world_size"] == 2
@@ -265,6 +286,65 @@ def test_settings_defaults_are_the_paper_recipe_and_unknown_keys_fail():
         PretrainSettings.from_dict({"splits": "train"})
     with pytest.raises(ValueError, match="unknown model setting"):
         PretrainSettings.from_dict({"model": {"preset": "tiny", "width": 3}})
+
+
+# The release's behaviours docs/method.md names, as `audio_augment` keys of the run's settings.
+RELEASE_SWITCHES = (
+    "release_mask_units",
+    "release_crop_axes",
+    "release_clamp",
+    "release_time_shift",
+    "release_coupled_shift",
+)
+
+
+def _trainer(data: dict[str, Path], work: Path, settings: dict[str, Any]) -> Pretrainer:
+    """A Pretrainer built as `main` builds it, from settings as the workflow passes them (JSON)."""
+    cpu = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
+    parsed = PretrainSettings.from_dict(json.loads(json.dumps(settings)))
+    return Pretrainer(
+        parsed, usable=data["usable"], norm_stats=data["norm"], out=work / "model.pt", work_dir=work, info=cpu
+    )
+
+
+@pytest.mark.parametrize("switch", RELEASE_SWITCHES)
+def test_each_audio_augment_switch_reaches_the_training_augmentation(
+    data: dict[str, Path], tmp_path: Path, switch: str
+):
+    trainer = _trainer(data, tmp_path, {**BASE, "audio_augment": {switch: True}})
+    config = trainer.augmenter.audio.config
+    assert {name: getattr(config, name) for name in RELEASE_SWITCHES} == {
+        name: name == switch for name in RELEASE_SWITCHES
+    }
+    # Recorded with every switch spelt out (config.json, checkpoints, the exported weights).
+    assert trainer.resolved["settings"]["audio_augment"] == {name: name == switch for name in RELEASE_SWITCHES}
+
+
+def test_release_mask_units_from_the_settings_change_the_drawn_params(data: dict[str, Path], tmp_path: Path):
+    batch = _batch(8)
+    fixed = _trainer(data, tmp_path / "fixed", BASE).augmenter(batch, step=0, offset=0)
+    release = _trainer(data, tmp_path / "release", {**BASE, "audio_augment": {"release_mask_units": True}})
+    raw = release.augmenter(batch, step=0, offset=0)
+    # Slots 1 - 4: mask bounds, divided by T and F (the fix) or raw frame and bin indices.
+    assert fixed.audio_params[:, 1:5].max() <= 1 < raw.audio_params[:, 1:5].max()
+    assert torch.equal(fixed.audio_params[:, 0], raw.audio_params[:, 0])  # the same draws
+
+
+def test_audio_augment_settings_default_to_the_fixes_and_refuse_unknown_keys():
+    assert AUDIO_AUGMENT_SWITCHES == RELEASE_SWITCHES
+    s = PretrainSettings()
+    assert s.audio_augment == {name: False for name in RELEASE_SWITCHES}
+    assert s.audio_augment_config() == AudioAugmentConfig()
+    t = PretrainSettings.from_dict({"audio_augment": {"release_clamp": True}})
+    assert PretrainSettings.from_dict(t.to_dict()) == t and t != s
+    with pytest.raises(ValueError, match="unknown audio_augment setting.*'release_clamps'"):
+        PretrainSettings.from_dict({"audio_augment": {"release_clamps": True}})
+    with pytest.raises(ValueError, match="unknown audio_augment setting.*'flip_axis'"):
+        PretrainSettings.from_dict({"audio_augment": {"flip_axis": "freq"}})  # a distribution, not a switch
+    with pytest.raises(ValueError, match="audio_augment.release_clamp must be true or false, got 'yes'"):
+        PretrainSettings.from_dict({"audio_augment": {"release_clamp": "yes"}})
+    with pytest.raises(ValueError, match="audio_augment must be a mapping"):
+        PretrainSettings.from_dict({"audio_augment": ["release_clamp"]})
 
 
 def test_phases_of_the_strategies():

@@ -108,9 +108,19 @@ def _groups_by_param(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict
 
 def test_build_optimizer_groups_decay_and_head_multiplier():
     model = _Toy()
-    opt = build_optimizer(model, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95), head_lr_multiplier=10.0, head_prefixes=("head.",))
+    opt = build_optimizer(
+        model, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95), head_lr_multiplier=10.0, head_prefixes=("head.",)
+    )
     groups = _groups_by_param(opt, model)
-    assert set(groups) == {"body.weight", "body.bias", "norm.weight", "norm.bias", "modality_embed", "head.weight", "head.bias"}
+    assert set(groups) == {
+        "body.weight",
+        "body.bias",
+        "norm.weight",
+        "norm.bias",
+        "modality_embed",
+        "head.weight",
+        "head.bias",
+    }
     decayed = {name for name, g in groups.items() if g["weight_decay"] > 0}
     assert decayed == {"body.weight", "head.weight"}
     assert all(g["weight_decay"] == 0.05 for name, g in groups.items() if name in decayed)
@@ -348,14 +358,23 @@ def _free_port() -> int:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     from equiav.train.common import any_rank, cleanup_distributed, setup_distributed
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     info = setup_distributed(backend="gloo")
     try:
         # Rank 0 holds 2 rows, rank 1 holds 3: the gather must keep rank order and sizes.
         x = torch.arange(2 + rank).float()[:, None] + 10 * rank
         gathered = gather_tensor(x)
         agreed = any_rank(15 if rank == 1 else 0)
-        torch.save({"info": (info.rank, info.world_size, info.is_main, str(info.device)), "gathered": gathered, "agreed": agreed}, f"{out_dir}/{rank}.pt")
+        torch.save(
+            {
+                "info": (info.rank, info.world_size, info.is_main, str(info.device)),
+                "gathered": gathered,
+                "agreed": agreed,
+            },
+            f"{out_dir}/{rank}.pt",
+        )
     finally:
         cleanup_distributed()
 

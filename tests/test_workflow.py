@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from workflow_runner import REPO, snakemake
 
 from equiav.data import status as st
 from equiav.data import synthetic
-from workflow_runner import REPO, snakemake
 
 PRESETS = REPO / "workflow" / "presets"
 LISTS = Path(__file__).parent / "data" / "lists"
@@ -99,6 +99,45 @@ def test_demo_trains_and_evaluates(demo_run):
     assert (results / "summary.md").read_text().count("| demo") == 9
 
 
+# Each rule's log and the INFO line that names the stage's result (paths relative to results/).
+STAGE_RESULTS = {
+    "*/logs/demo_data.log": r"equiav\.data\.demo: demo: \d+ clips",
+    "*/logs/manifest.log": r"equiav\.cli: wrote the manifest to .+ and \d+ shard list",
+    "*/logs/download/*.log": r"equiav\.cli: wrote the status rows of .+ to .+\.csv",
+    "*/logs/features/*.log": r"equiav\.cli: wrote \d+ status row\(s\) to ",
+    "*/logs/availability.log": r"equiav\.cli: demo: \d+ of \d+ listed clips usable",
+    "*/logs/norm_stats.log": r"equiav\.cli: fbank mean -?[\d.]+, std [\d.]+ \(measured",
+    "logs/summary.log": r"equiav\.cli: 9 metric\(s\) of 4 file\(s\)",
+    "logs/tables.log": r"equiav\.eval\.tables: wrote .+tables\.md and \d+ table\(s\)",
+    "logs/report/*.log": r"equiav\.eval\.report: report [\w-]+: wrote .+\.(html|png)",
+    "pretrain/*/pretrain.log": r"equiav\.train\.pretrain: wrote .+model\.pt after \d+ steps",
+    "finetune/*/finetune.log": r"equiav\.train\.finetune: accuracy = [\d.]+ \(chance 0\.3333\) -> .+metrics\.json",
+    "retrieval/*/retrieval.log": r"equiav\.eval\.retrieval: 6 clips: V2A R@1/5/10 [\d.]+/[\d.]+/[\d.]+, A2V",
+}
+
+
+def test_demo_every_rule_log_names_its_result(demo_run):
+    """Every command logs through `equiav`'s one logging set-up: no rule's log is empty."""
+    results = demo_run / "results"
+    logs = sorted({*results.glob("**/logs/**/*.log"), *(p for d in ("finetune", "retrieval", "pretrain")
+                                                        for p in results.glob(f"{d}/*/*.log"))})  # fmt: skip
+    assert len(logs) > 10
+    problems = []
+    for path in logs:
+        name = path.relative_to(results)
+        text = path.read_text()
+        patterns = [rx for pattern, rx in STAGE_RESULTS.items() if name.match(pattern)]
+        if not patterns:
+            problems.append(f"{name}: a log this test does not know; add its result line to STAGE_RESULTS")
+        elif not text.strip():
+            problems.append(f"{name}: empty")
+        elif not re.search(r"^\S+ \S+ INFO " + patterns[0], text, re.MULTILINE):
+            problems.append(f"{name}: no INFO line matching {patterns[0]!r}:\n{text[-1500:]}")
+    assert not problems, "\n".join(problems)
+    epochs = (results / "finetune/demo_audio/finetune.log").read_text()
+    assert re.search(r"INFO equiav\.train\.finetune: run epoch 1: accuracy ", epochs)
+
+
 def test_demo_rerun_has_nothing_to_do(demo_run):
     override = demo_run / "small.yaml"
     proc = snakemake("-n", "--configfile", str(override))
@@ -130,7 +169,11 @@ def test_audioset_2m_preset_builds_its_dag_from_full_size_lists(tmp_path):
     assert shards == -(-total // 2000)
     proc = snakemake("-n", "--quiet", "rules", "--configfile", str(config))
     out = proc.stdout + proc.stderr
-    jobs = {line.split()[0]: int(line.split()[1]) for line in out.splitlines() if line.split()[:1] in (["download"], ["features"])}
+    jobs = {
+        line.split()[0]: int(line.split()[1])
+        for line in out.splitlines()
+        if line.split()[:1] in (["download"], ["features"])
+    }
     assert jobs == {"download": shards, "features": shards}
 
 

@@ -23,11 +23,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
@@ -326,7 +327,9 @@ class ShardDownloader:
             raise FetchError(st.OTHER, f"{type(e).__name__}: {e}") from None
         files = [p for p in tmp.glob("clip.*") if not p.name.endswith((".part", ".ytdl"))]
         if not files:
-            raise FetchError(st.OTHER, f"yt-dlp reported success but wrote no file (id {info.get('id') if info else '?'})")
+            raise FetchError(
+                st.OTHER, f"yt-dlp reported success but wrote no file (id {info.get('id') if info else '?'})"
+            )
         return max(files, key=lambda p: p.stat().st_size), offset
 
     def _validate(self, file: str, offset: float, duration: float, seek: float = 0.0) -> None:
@@ -448,9 +451,13 @@ class _YtdlpLogger:
         log.debug("%s: yt-dlp error: %s", self.clip_id, msg)
 
 
-def download_shard(shard_csv: str | Path, media_dir: str | Path, out_csv: str | Path, settings: DownloadSettings) -> pd.DataFrame:
+def download_shard(
+    shard_csv: str | Path, media_dir: str | Path, out_csv: str | Path, settings: DownloadSettings
+) -> pd.DataFrame:
     """Run one shard job: read its clips, fetch them, write the status rows atomically."""
-    clips = pd.read_csv(shard_csv, dtype={"clip_id": str, "source": str, "labels": str, "split": str}, keep_default_na=False)
+    clips = pd.read_csv(
+        shard_csv, dtype={"clip_id": str, "source": str, "labels": str, "split": str}, keep_default_na=False
+    )
     clips["end"] = pd.to_numeric(clips["end"], errors="coerce")
     rows = ShardDownloader(media_dir, settings).run(clips)
     out_csv = Path(out_csv)

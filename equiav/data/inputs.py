@@ -23,7 +23,9 @@ def read_usable(path: str | os.PathLike[str], splits: Sequence[str] | None = Non
         return usable
     rows = usable[usable["split"].isin(list(splits))]
     if rows.empty:
-        raise ValueError(f"{path} has no clip in split(s) {list(splits)}; its splits are {sorted(set(usable['split']))}")
+        raise ValueError(
+            f"{path} has no clip in split(s) {list(splits)}; its splits are {sorted(set(usable['split']))}"
+        )
     return rows
 
 

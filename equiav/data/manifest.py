@@ -67,7 +67,13 @@ def build_manifest(dataset: dict, out_dir: str | Path, shards_dir: str | Path) -
     for entry in dataset["lists"]:
         parsed, own_classes = parse_list(entry, classes)
         L.check_bad_fraction(parsed, entry["path"], dataset.get("max_bad_fraction", 0.01))
-        log.info("%s: %d rows read, %d kept, %d problems", entry["path"], parsed.rows_read, len(parsed.manifest), len(parsed.problems))
+        log.info(
+            "%s: %d rows read, %d kept, %d problems",
+            entry["path"],
+            parsed.rows_read,
+            len(parsed.manifest),
+            len(parsed.problems),
+        )
         if own_classes is not None:
             if classes is not None and not own_classes.equals(classes):
                 raise L.ListError(f"{entry['path']} defines classes that differ from those of the other lists")
@@ -81,7 +87,8 @@ def build_manifest(dataset: dict, out_dir: str | Path, shards_dir: str | Path) -
         more = len(combined.problems) - 10
         raise L.ListError(
             "the lists hold no usable clip; check each list's `path` and `format`. Rejected rows:"
-            + shown + (f"\n  ... and {more} more" if more > 0 else "")
+            + shown
+            + (f"\n  ... and {more} more" if more > 0 else "")
         )
     if classes is None:
         classes = L.classes_from_labels(label for labels in manifest["labels"] for label in labels.split(";"))
@@ -92,7 +99,9 @@ def build_manifest(dataset: dict, out_dir: str | Path, shards_dir: str | Path) -
     manifest.to_csv(out_dir / "manifest.csv", index=False)
     write_shards(manifest, shards_dir, dataset["shard_size"])
     summary = manifest.groupby("split").size().to_dict()
-    log.info("manifest: %d clips (%s), %d classes, %d problems", len(manifest), summary, len(classes), len(combined.problems))
+    log.info(
+        "manifest: %d clips (%s), %d classes, %d problems", len(manifest), summary, len(classes), len(combined.problems)
+    )
     return manifest
 
 

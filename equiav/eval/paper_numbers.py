@@ -5,16 +5,17 @@ Only what the paper text gives is here. ``None`` marks a value the paper does no
 such gap is listed in docs/tables.md. Table 2 survives only as the EquiAV row quoted in the
 project's spec (method.md section 9); Table 8's values are not in the text at all.
 
-Each entry is ``row label -> values in the order of the table's columns``; the EquiAV rows
-(``OURS``) are the ones our runs are compared with, the others (``REFERENCE``) are the
-methods the authors compare against, kept as reference rows.
+Each entry is ``row label -> values in the order of the table's columns``; the paper's own
+EquiAV rows (``PAPER_EQUIAV``: the method and its ablation variants) are the ones our runs are
+compared with, the others (``REFERENCE``) are the methods the authors compare against, kept as
+reference rows.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["ABLATION_COLUMNS", "COLUMNS", "OURS", "PRETRAIN_OF", "REFERENCE", "Values"]
+__all__ = ["ABLATION_COLUMNS", "COLUMNS", "PAPER_EQUIAV", "PRETRAIN_OF", "REFERENCE", "Values"]
 
 Values = tuple["float | None", ...]
 
@@ -25,9 +26,7 @@ ABLATION_COLUMNS: Final = ("V2A R@1", "A2V R@1", "A mAP", "V mAP", "A-V mAP")
 
 COLUMNS: Final[dict[str, tuple[str, ...]]] = {
     "table1": tuple(
-        f"{data} {modality}"
-        for data in ("AudioSet-20K", "AudioSet-2M", "VGGSound")
-        for modality in ("A", "V", "A-V")
+        f"{data} {modality}" for data in ("AudioSet-20K", "AudioSet-2M", "VGGSound") for modality in ("A", "V", "A-V")
     ),
     "table2": ("ESC-50", "SPC-v1"),
     "table3": tuple(f"{direction} R@{k}" for direction in ("V2A", "A2V") for k in (1, 5, 10)),
@@ -39,7 +38,7 @@ COLUMNS: Final[dict[str, tuple[str, ...]]] = {
 }
 
 # Table 3 has one block per data set; its rows are keyed "<data set> / <method>".
-OURS: Final[dict[str, dict[str, Values]]] = {
+PAPER_EQUIAV: Final[dict[str, dict[str, Values]]] = {
     "table1": {"EquiAV": (42.4, 25.7, 46.6, 49.1, 30.1, 54.6, 61.0, 50.7, 67.1)},
     "table2": {"EquiAV": (96.0, 97.8)},
     "table3": {
@@ -112,11 +111,13 @@ PRETRAIN_OF: Final[dict[str, str]] = {
 
 
 def _check() -> None:
-    for group in (OURS, REFERENCE):
+    for group in (PAPER_EQUIAV, REFERENCE):
         for table, rows in group.items():
             for label, values in rows.items():
                 if len(values) != len(COLUMNS[table]):
-                    raise AssertionError(f"{table} row {label!r}: {len(values)} values for {len(COLUMNS[table])} columns")
+                    raise AssertionError(
+                        f"{table} row {label!r}: {len(values)} values for {len(COLUMNS[table])} columns"
+                    )
 
 
 _check()

@@ -20,6 +20,7 @@ import argparse
 import html
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,18 +28,19 @@ import markdown
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on cluster nodes
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import Tensor  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
 
-from equiav.augment import IMAGENET_MEAN, IMAGENET_STD, VisualAugment, VisualAugmentConfig, normalize_image  # noqa: E402
-from equiav.eval.retrieval import MATCH_COLUMNS, read_id_list  # noqa: E402
-from equiav.model import EquiAV, ModelConfig  # noqa: E402
-from equiav.train.checkpoint import load_weights  # noqa: E402
-from equiav.train.finetune import DatasetInputs, fit_config_to_data  # noqa: E402
+from equiav.augment import IMAGENET_MEAN, IMAGENET_STD, VisualAugment, VisualAugmentConfig, normalize_image
+from equiav.eval.retrieval import MATCH_COLUMNS, read_id_list
+from equiav.model import EquiAV, ModelConfig
+from equiav.options import HelpFormatter, add_dataset_inputs, add_device, add_pretrained, resolve_device
+from equiav.train.checkpoint import load_weights
+from equiav.train.finetune import DatasetInputs, fit_config_to_data
 
 __all__ = [
     "markdown_page",
@@ -48,7 +50,9 @@ __all__ = [
     "plot_qualitative",
     "plot_retrieval_examples",
     "spread",
+    "add_arguments",
     "main",
+    "run",
 ]
 
 log = logging.getLogger(__name__)
@@ -86,7 +90,9 @@ def plot_pretrain_curves(history: pd.DataFrame, title: str, out: str | Path) -> 
     """Losses, contrastive accuracies and learning rate against the step (pre-training metrics.csv)."""
     missing = {"step", "lr", *LOSS_COLUMNS, *ACCURACY_COLUMNS} - set(history.columns)
     if missing:
-        raise ValueError(f"the pre-training metrics lack columns {sorted(missing)}; is this a pre-training metrics.csv?")
+        raise ValueError(
+            f"the pre-training metrics lack columns {sorted(missing)}; is this a pre-training metrics.csv?"
+        )
     if history.empty:
         raise ValueError("the pre-training metrics have no row: the run logged no step")
     # A resumed run re-logs the steps after its checkpoint: keep the last value of each step.
@@ -261,7 +267,10 @@ def nearest_to_centroid(
     height, width = frame.shape[-2:]
     augment = VisualAugment(VisualAugmentConfig(size=height))
     params = torch.cat(
-        [augment.sample_params(1, 1, height, width, generator=_candidate_generator(seed, i))[0] for i in range(candidates)]
+        [
+            augment.sample_params(1, 1, height, width, generator=_candidate_generator(seed, i))[0]
+            for i in range(candidates)
+        ]
     ).to(device)
     tokens = model.visual_encoder(normalize_image(frame[None].to(device)))
     features = torch.cat(
@@ -316,47 +325,55 @@ def plot_qualitative(
 # --------------------------------------------------------------------------------------------
 
 
-def _add_dataset_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--usable", required=True, help="usable.csv of the availability stage")
-    p.add_argument("--classes", required=True, help="classes.csv of the data set")
-    p.add_argument("--norm-stats", required=True, help="norm_stats.json of the data set")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``equiav report WHAT``: one sub-command per kind of page or picture."""
+    sub = parser.add_subparsers(
+        dest="what", required=True, metavar="WHAT", help="what to draw (`equiav report WHAT --help` for its options)"
+    )
 
+    def kind(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="equiav report", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="what", required=True)
-    p = sub.add_parser("page", help="a Markdown page as HTML")
-    p.add_argument("--markdown", required=True)
-    p.add_argument("--title", required=True)
-    p.add_argument("--out", required=True)
-    p = sub.add_parser("curves", help="a pre-training run's loss and learning-rate curves")
+    p = kind("page", "a Markdown page as HTML")
+    p.add_argument("--markdown", required=True, help="the Markdown page (a table or an availability report)")
+    p.add_argument("--title", required=True, help="the HTML page's title")
+    p.add_argument("--out", required=True, help="where the HTML page goes")
+    p = kind("curves", "a pre-training run's loss and learning-rate curves")
     p.add_argument("--history", required=True, help="the run's metrics.csv")
-    p.add_argument("--title", required=True)
-    p.add_argument("--out", required=True)
-    p = sub.add_parser("finetune-curves", help="every fine-tuning run's evaluation after each epoch")
+    p.add_argument("--title", required=True, help="the figure's title")
+    p.add_argument("--out", required=True, help="where the picture goes (PNG)")
+    p = kind("finetune-curves", "every fine-tuning run's evaluation after each epoch")
     p.add_argument("--metrics", nargs="+", required=True, help="metrics.json files, in results/finetune/<run>/")
-    p.add_argument("--out", required=True)
-    p = sub.add_parser("retrieval-examples", help="queries beside their best matches")
+    p.add_argument("--out", required=True, help="where the picture goes (PNG)")
+    p = kind("retrieval-examples", "queries beside their best matches")
     p.add_argument("--matches", required=True, help="matches.csv of equiav retrieval")
-    _add_dataset_arguments(p)
-    p.add_argument("--direction", choices=("v2a", "a2v"), required=True)
-    p.add_argument("--queries", type=int, default=4)
-    p.add_argument("--top", type=int, default=3)
-    p.add_argument("--out", required=True)
-    p = sub.add_parser("qualitative", help="the augmentation nearest the centroid (paper, Figure 3)")
-    p.add_argument("--pretrained", required=True)
+    add_dataset_inputs(p)
+    p.add_argument(
+        "--direction", choices=("v2a", "a2v"), required=True, help="v2a: picture queries; a2v: sound queries"
+    )
+    p.add_argument("--queries", type=int, default=4, help="queries shown (one row each)")
+    p.add_argument("--top", type=int, default=3, help="best matches shown per query")
+    p.add_argument("--out", required=True, help="where the picture goes (PNG)")
+    p = kind("qualitative", "the augmentation nearest the centroid (paper, Figure 3)")
+    add_pretrained(p)
     p.add_argument("--ids", required=True, help="the retrieval run's ids.txt; the clips are spread over it")
-    _add_dataset_arguments(p)
-    p.add_argument("--clips", type=int, default=3)
+    add_dataset_inputs(p)
+    p.add_argument("--clips", type=int, default=3, help="clips shown (one row each)")
     p.add_argument("--candidates", type=int, default=1000, help="random augmentations per clip (the paper: 1000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--out", required=True)
-    return parser
+    p.add_argument("--seed", type=int, default=0, help="seed of the augmentations")
+    add_device(p)
+    p.add_argument("--out", required=True, help="where the picture goes (PNG)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """``equiav report WHAT ARGV``."""
+    from equiav.cli import main as equiav_main
+
+    return equiav_main(["report", *(sys.argv[1:] if argv is None else argv)])
+
+
+def run(args: argparse.Namespace) -> int:
+    """The body of ``equiav report`` (logging is set up by equiav.cli)."""
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if args.what == "page":
         Path(args.out).write_text(markdown_page(Path(args.markdown).read_text(), args.title))
@@ -372,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             plot_retrieval_examples(matches, inputs, args.direction, args.out, queries=args.queries, top=args.top)
         else:
             ids = spread(read_id_list(args.ids), args.clips)
-            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            device = resolve_device(args.device)
             plot_qualitative(args.pretrained, inputs, ids, args.out, candidates=args.candidates, seed=args.seed,
                              device=device)  # fmt: skip
+    log.info("report %s: wrote %s", args.what, args.out)
     return 0

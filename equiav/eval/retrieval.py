@@ -32,17 +32,25 @@ from torch.utils.data import DataLoader, Subset
 from equiav.augment import AudioAugment, VisualAugment, normalize_image
 from equiav.eval.metrics import RECALL_KS, chunked_similarity_ranks, rank_metrics
 from equiav.model import EquiAV, ModelConfig
+from equiav.options import (
+    add_dataset_inputs,
+    add_device,
+    add_pretrained,
+    add_workers,
+    resolve_device,
+)
 from equiav.train.checkpoint import load_weights
 from equiav.train.finetune import DatasetInputs, fit_config_to_data
 
 __all__ = [
-    "build_parser",
+    "MATCH_COLUMNS",
+    "add_arguments",
     "draw_centroid_params",
     "embed_clips",
     "main",
-    "MATCH_COLUMNS",
     "read_id_list",
     "retrieval",
+    "run",
     "select_per_class",
     "stable_key",
     "top_matches",
@@ -269,6 +277,10 @@ def retrieval(
     model = EquiAV(config)
     model.load_state_dict(weights["model"])
     model.to(device)
+    log.info(
+        "embedding %d clips (%s) with %s: %d centroid samples, seed %d, on %s",
+        len(ids), f"split {split}" if split else "every split", pretrained, samples, seed, device,
+    )  # fmt: skip
 
     audio_params, visual_params = draw_centroid_params(
         len(ids),
@@ -307,31 +319,40 @@ def retrieval(
     return metrics, ids, matches
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="equiav retrieval", description="Zero-shot audio-visual retrieval (V2A, A2V).")
-    p.add_argument("--pretrained", required=True, help="the pre-trained weights (the pre-train stage's model.pt)")
-    p.add_argument("--usable", required=True, help="usable.csv of the availability stage")
-    p.add_argument("--norm-stats", required=True, help="norm_stats.json of the data set")
-    p.add_argument("--classes", required=True, help="classes.csv of the data set")
-    p.add_argument(
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``equiav retrieval``."""
+    add_pretrained(p)
+    add_dataset_inputs(p)
+    clips = p.add_argument_group("clips")
+    clips.add_argument(
         "--split", help="the split the clips come from (required without --ids; with --ids it restricts them)"
     )
-    p.add_argument("--per-class", type=int, default=5, help="clips per class (0: every clip of the split)")
-    p.add_argument("--ids", help="a file of clip ids (one per line) to use instead of the per-class subset")
+    clips.add_argument("--per-class", type=int, default=5, help="clips per class (0: every clip of the split)")
+    clips.add_argument("--ids", help="a file of clip ids (one per line) to use instead of the per-class subset")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset choice and of the centroid vectors")
     p.add_argument("--samples", type=int, default=16, help="parameter vectors per centroid (S)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--out", required=True, help="where metrics.json goes")
-    p.add_argument("--ids-out", required=True, help="where the clip ids used go, one per line")
-    p.add_argument("--matches-out", help="where each query's best keys go (CSV: %s)" % ", ".join(MATCH_COLUMNS))
-    p.add_argument("--matches-per-query", type=int, default=5, help="keys listed per query in --matches-out")
-    return p
+    p.add_argument("--batch-size", type=int, default=64, help="clips embedded per batch")
+    add_workers(p, 0, "DataLoader worker processes (0: load in the main process)")
+    add_device(p)
+    out = p.add_argument_group("outputs")
+    out.add_argument("--out", required=True, help="where metrics.json goes")
+    out.add_argument("--ids-out", required=True, help="where the clip ids used go, one per line")
+    out.add_argument(
+        "--matches-out",
+        help=f"where each query's best keys go (CSV: {', '.join(MATCH_COLUMNS)}; default: not written)",
+    )
+    out.add_argument("--matches-per-query", type=int, default=5, help="keys listed per query in --matches-out")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """``equiav retrieval ARGV``."""
+    from equiav.cli import main as equiav_main
+
+    return equiav_main(["retrieval", *(sys.argv[1:] if argv is None else argv)])
+
+
+def run(args: argparse.Namespace) -> int:
+    """The body of ``equiav retrieval`` (logging is set up by equiav.cli)."""
     if args.ids is None and args.split is None:
         raise SystemExit("give --split (the per-class subset is drawn from it) or --ids (a list of clip ids)")
     inputs = DatasetInputs.load(args.usable, args.classes, args.norm_stats)
@@ -344,8 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         samples=args.samples,
         batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=torch.device(args.device) if args.device else None,
+        num_workers=args.workers,
+        device=resolve_device(args.device),
         matches_per_query=args.matches_per_query,
     )
     if args.matches_out:
@@ -366,5 +387,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.exit(main())

@@ -19,8 +19,8 @@ their runs ran, as in the demo); another table none of whose runs has a metric f
 written, and the index ``tables.md`` says so. The index also shows the clips obtained of every
 data set given, so a data-only run (no metric file at all) gets a tables page too.
 
-    python -m equiav tables --results results --out-dir results/tables
-    python -m equiav tables --metrics results/finetune/*/metrics.json results/retrieval/*/metrics.json \
+    equiav tables --results results --out-dir results/tables
+    equiav tables --metrics results/finetune/*/metrics.json results/retrieval/*/metrics.json \
         --availability results/*/availability.csv --out-dir results/tables
 """
 
@@ -28,15 +28,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import pandas as pd
 
 from equiav.eval import paper_numbers as paper
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ABLATION_VARIANTS",
@@ -156,10 +160,20 @@ def _ablation_sources(variant: str) -> dict[str, Source]:
 # Ablation variants: (table, paper row label, variant name, pre-training settings changed from
 # the baseline). The baseline (the paper's model) is shared by every table's reference row.
 ABLATION_VARIANTS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
-    ("table4", "invariant intra / clean inter", "intra_invariant", {"model": {"intra": "invariant", "inter_source": "clean"}}),
+    (
+        "table4",
+        "invariant intra / clean inter",
+        "intra_invariant",
+        {"model": {"intra": "invariant", "inter_source": "clean"}},
+    ),
     ("table4", "equivariant intra / clean inter", "inter_clean", {"model": {"inter_source": "clean"}}),
     ("table4", "equivariant intra / augmented inter", "inter_augmented", {"model": {"inter_source": "augmented"}}),
-    ("table4", "equivariant intra / equivariant inter", "inter_equivariant", {"model": {"inter_source": "equivariant"}}),
+    (
+        "table4",
+        "equivariant intra / equivariant inter",
+        "inter_equivariant",
+        {"model": {"inter_source": "equivariant"}},
+    ),
     ("table4", "equivariant intra / centroid inter", "baseline", {}),
     ("table5", "S = 1", "centroid_1", {"model": {"centroid_samples": 1}}),
     ("table5", "S = 4", "centroid_4", {"model": {"centroid_samples": 4}}),
@@ -209,7 +223,7 @@ def _paper_tables() -> tuple[TableSpec, ...]:
             "table1",
             "Table 1: audio-visual event classification, fine-tuning",
             paper.COLUMNS["table1"],
-            (RowSpec("EquiAV", paper.OURS["table1"]["EquiAV"], t1_sources),),
+            (RowSpec("EquiAV", paper.PAPER_EQUIAV["table1"]["EquiAV"], t1_sources),),
             paper.REFERENCE["table1"],
             "AudioSet: mAP; VGGSound: top-1 accuracy; A, V, A-V: audio, visual, audio-visual fine-tuning.",
         ),
@@ -220,7 +234,7 @@ def _paper_tables() -> tuple[TableSpec, ...]:
             (
                 RowSpec(
                     "EquiAV",
-                    paper.OURS["table2"]["EquiAV"],
+                    paper.PAPER_EQUIAV["table2"]["EquiAV"],
                     {
                         "ESC-50": Source("finetune", "esc50_audio", "esc50", metric="accuracy"),
                         "SPC-v1": Source("finetune", "spc_v1_audio", "spc_v1", metric="accuracy"),
@@ -235,7 +249,7 @@ def _paper_tables() -> tuple[TableSpec, ...]:
     t3_rows = []
     for label, run in (("MSR-VTT", "msrvtt"), ("AudioSet", "audioset"), ("VGGSound", "vggsound")):
         sources = {c: _retrieval(run, run, c) for c in paper.COLUMNS["table3"]}
-        t3_rows.append(RowSpec(f"{label} / EquiAV", paper.OURS["table3"][f"{label} / EquiAV"], sources))
+        t3_rows.append(RowSpec(f"{label} / EquiAV", paper.PAPER_EQUIAV["table3"][f"{label} / EquiAV"], sources))
     tables.append(
         TableSpec(
             "table3",
@@ -250,7 +264,7 @@ def _paper_tables() -> tuple[TableSpec, ...]:
     for key, title in _ABLATION_TITLES.items():
         columns = paper.COLUMNS[key]
         rows = tuple(
-            RowSpec(label, paper.OURS[key][label], _ablation_sources(variant))
+            RowSpec(label, paper.PAPER_EQUIAV[key][label], _ablation_sources(variant))
             for table, label, variant, _ in ABLATION_VARIANTS
             if table == key
         )
@@ -401,8 +415,15 @@ def build_table(spec: TableSpec, metrics: Mapping[tuple[str, str], Mapping[str, 
             if source is not None and (source.task, source.run) in metrics:
                 ours = _value(source, metrics[(source.task, source.run)])
             cells.append(
-                Cell(row.label, column, "ours", source.task if source else None,
-                     source.run if source else None, paper_value, ours)  # fmt: skip
+                Cell(
+                    row.label,
+                    column,
+                    "ours",
+                    source.task if source else None,
+                    source.run if source else None,
+                    paper_value,
+                    ours,
+                )  # fmt: skip
             )
     for label, values in spec.references.items():
         for column, paper_value in zip(spec.columns, values):
@@ -466,8 +487,13 @@ def table_markdown(result: TableResult) -> str:
     if not got.empty:
         wide = got.pivot_table(index=["dataset", "split"], columns="what", values="clips", aggfunc="sum")
         rows = [
-            (d, s, str(int(r["listed"])), str(int(r["obtained"])),
-             f"{100 * r['obtained'] / r['listed']:.1f}" if r["listed"] else "–")  # fmt: skip
+            (
+                d,
+                s,
+                str(int(r["listed"])),
+                str(int(r["obtained"])),
+                f"{100 * r['obtained'] / r['listed']:.1f}" if r["listed"] else "–",
+            )  # fmt: skip
             for (d, s), r in wide.iterrows()
         ]
         lines += ["Obtained (features extracted) of the clips listed, per split:", ""]
@@ -525,8 +551,13 @@ def index_markdown(results: Mapping[str, TableResult | None],
             )
     if availability:
         rows = [
-            (name, str(split), str(int(r["listed"])), str(int(r["obtained"])),
-             f"{100 * r['obtained'] / r['listed']:.1f}" if r["listed"] else "–")  # fmt: skip
+            (
+                name,
+                str(split),
+                str(int(r["listed"])),
+                str(int(r["obtained"])),
+                f"{100 * r['obtained'] / r['listed']:.1f}" if r["listed"] else "–",
+            )  # fmt: skip
             for name, table in availability.items()
             for split, r in table.iterrows()
         ]
@@ -541,27 +572,46 @@ def _discover(results_dir: Path) -> tuple[list[Path], list[Path]]:
     return metrics, availability
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="equiav tables", description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``equiav tables``."""
     p.add_argument("--results", type=Path, help="results folder to find metrics and availability files in")
     # Zero files is a data-only run: the tables then hold the paper's numbers and the clip counts.
     p.add_argument("--metrics", nargs="*", type=Path, help="metrics.json files (default: found under --results)")
     p.add_argument("--availability", nargs="*", type=Path,
                    help="availability.csv files (default: found under --results)")  # fmt: skip
     p.add_argument("--out-dir", type=Path, required=True, help="where the tables go (results/tables)")
-    args = p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``equiav tables ARGV``."""
+    from equiav.cli import main as equiav_main
+
+    return equiav_main(["tables", *(sys.argv[1:] if argv is None else argv)])
+
+
+def run(args: argparse.Namespace) -> int:
+    """The body of ``equiav tables``: 0 when written, 2 when a metrics file does not fit its table."""
     if args.results is None and args.metrics is None:
-        p.error("give --results or --metrics")
+        print("equiav tables: give --results (a results folder) or --metrics (metrics.json files)", file=sys.stderr)
+        return 2
     found_metrics, found_availability = _discover(args.results) if args.results else ([], [])
     metric_files = args.metrics if args.metrics is not None else found_metrics
     availability_files = args.availability if args.availability is not None else found_availability
+    log.info("tables of %d metrics file(s) and %d availability report(s)", len(metric_files), len(availability_files))
     try:
         results = write_tables(load_metrics(metric_files), load_availability(availability_files), args.out_dir)
     except (ValueError, KeyError) as e:
         print(f"equiav tables: {e}", file=sys.stderr)
         return 2
+    out = Path(args.out_dir)
+    for key, result in results.items():
+        if result is not None:
+            measured = sum(1 for c in result.cells if c.ours is not None)
+            files = ", ".join(path.name for path in table_files(out, key))
+            log.info("%s: %d cells measured, %d runs missing -> %s", key, measured, len(result.missing_runs), files)
     written = [k for k, r in results.items() if r is not None]
-    print(f"tables written to {args.out_dir}: {', '.join(written) or 'none (no run of any table has metrics)'}")
+    log.info("wrote %s and %d table(s) to %s: %s", out / "tables.md", len(written), out,
+             ", ".join(written) or "none (no run of any table has metrics)")  # fmt: skip
     return 0
 
 

@@ -203,9 +203,7 @@ class AudioEncoder(ViTEncoder):
                     f"; pad or trim the time axis to {frames} frames "
                     f"(or build the model with audio_frames={x.shape[1]})"
                 )
-            raise ValueError(
-                f"audio must be [B, T={frames}, F={freq_bins}], got {tuple(x.shape)}{hint}"
-            )
+            raise ValueError(f"audio must be [B, T={frames}, F={freq_bins}], got {tuple(x.shape)}{hint}")
         return x.transpose(1, 2).unsqueeze(1)
 
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from torch import Tensor, nn
 
 from equiav.model.config import ModelConfig
-from equiav.model.encoders import AudioEncoder, ViTEncoder, VisualEncoder
+from equiav.model.encoders import AudioEncoder, VisualEncoder, ViTEncoder
 from equiav.model.heads import ProjectionHead
 from equiav.model.predictor import TransformationPredictor, build_predictor
 

@@ -76,7 +76,9 @@ class PretrainDataset(Dataset):
 
     def __init__(self, features: FeatureDataset, *, seed: int, independent_visual_frame: bool = False) -> None:
         if features.frame != "random":
-            raise ValueError(f"PretrainDataset needs a FeatureDataset with frame='random', got frame={features.frame!r}")
+            raise ValueError(
+                f"PretrainDataset needs a FeatureDataset with frame='random', got frame={features.frame!r}"
+            )
         if features.shard_attrs["num_frames"] < 1:
             raise ValueError(
                 f"the shards of {features.paths[0]} hold no video frames (num_frames=0); pre-training needs "
@@ -285,7 +287,10 @@ class DeviceAugmenter:
             [self.audio.sample_params(chunk, samples, *fbank.shape[1:], generator=g, device=device) for g in generators]
         )
         visual_centroid = torch.cat(
-            [self.visual.sample_params(chunk, samples, *frames.shape[-2:], generator=g, device=device) for g in generators]
+            [
+                self.visual.sample_params(chunk, samples, *frames.shape[-2:], generator=g, device=device)
+                for g in generators
+            ]
         )
         return PretrainViews(
             audio=fbank,
@@ -303,4 +308,3 @@ def dataset_classes(labels: Sequence[str]) -> list[str]:
     """Every class id named in ``labels`` (";"-joined strings), sorted: FeatureDataset resolves
     labels against a class list, which pre-training does not otherwise need."""
     return sorted({name for value in labels for name in str(value).split(";") if name})
-

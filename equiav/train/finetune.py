@@ -32,13 +32,14 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from equiav.settings import reject_unknown_keys
 from equiav.augment import normalize_image
+from equiav.data.inputs import read_norm_stats, read_usable
 from equiav.data.store import FeatureDataset
 from equiav.eval.metrics import mean_average_precision, top1_accuracy
 from equiav.model import EquiAVClassifier, ModelConfig
 from equiav.model.finetune import FINETUNE_MODALITIES
-from equiav.data.inputs import read_norm_stats, read_usable
+from equiav.options import add_dataset_inputs, add_pretrained, add_settings
+from equiav.settings import reject_unknown_keys
 from equiav.train.checkpoint import Checkpointer, code_revision, load_weights
 from equiav.train.common import (
     PRECISIONS,
@@ -72,15 +73,16 @@ __all__ = [
     "FinetuneSettings",
     "MixupDraw",
     "TrainAugment",
+    "add_arguments",
     "apply_mixup",
     "build_finetune_optimizer",
-    "build_parser",
     "chance_level",
     "draw_mixup",
     "evaluate",
     "finetune",
     "fit_config_to_data",
     "main",
+    "run",
     "spec_augment",
     "time_shift",
 ]
@@ -803,6 +805,11 @@ class _Trainer:
         self._resume()
         s, info = self.settings, self.info
         directory = self.run.directory
+        log.info(
+            "%s: fine-tuning %s (%s) on %d clips, evaluating on %d: %d steps (%d per epoch) on %d process(es), %s, %s",
+            self.run.name, s.modality, s.metric, len(self.train_set), len(self.eval_set), self.total_steps,
+            self.steps_per_epoch, info.world_size, self.device, self.precision,
+        )  # fmt: skip
         # A gloo group keeps the per-step stop check off the GPU stream under NCCL.
         stop_group = dist.new_group(backend="gloo") if info.world_size > 1 and dist.get_backend() == "nccl" else None
         train_log = MetricLogger(
@@ -958,37 +965,28 @@ def finetune(
     return metrics
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="equiav finetune", description="Fine-tune a pre-trained EquiAV and evaluate it.")
-    p.add_argument("--settings", required=True, help='FinetuneSettings as a JSON object, e.g. \'{"recipe": "esc50"}\'')
-    p.add_argument("--pretrained", required=True, help="the pre-trained weights (the pre-train stage's model.pt)")
-    p.add_argument("--usable", required=True, help="usable.csv of the availability stage")
-    p.add_argument("--norm-stats", required=True, help="norm_stats.json of the data set")
-    p.add_argument("--classes", required=True, help="classes.csv of the data set")
-    p.add_argument("--out", required=True, help="where metrics.json goes")
-    p.add_argument("--work-dir", required=True, help="checkpoints and logs; a re-run resumes from here")
-    p.add_argument("--max-steps", type=int, help="stop each run after this many steps (smoke tests)")
-    return p
-
-
-def _parse_settings(text: str) -> FinetuneSettings:
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise SystemExit(
-            f'--settings is not valid JSON ({err}); give an object such as \'{{"recipe": "esc50"}}\''
-        ) from None
-    if not isinstance(values, dict):
-        raise SystemExit(f"--settings must be a JSON object, got {type(values).__name__}")
-    return FinetuneSettings.from_dict(values)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``equiav finetune``."""
+    add_settings(p, 'FinetuneSettings, e.g. \'{"recipe": "esc50"}\'')
+    add_pretrained(p)
+    add_dataset_inputs(p)
+    p.add_argument("--out", required=True, type=Path, help="where metrics.json goes")
+    p.add_argument("--work-dir", required=True, type=Path, help="checkpoints and logs; a re-run resumes from here")
+    p.add_argument("--max-steps", type=int, help="stop each run after this many steps (smoke tests; default: all)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry: 0 when metrics.json is written, EXIT_INTERRUPTED after a stop signal."""
-    args = build_parser().parse_args(argv)
+    """``equiav finetune ARGV``: 0 when metrics.json is written, EXIT_INTERRUPTED after a stop signal."""
+    from equiav.cli import main as equiav_main
+
+    return equiav_main(["finetune", *(sys.argv[1:] if argv is None else argv)])
+
+
+def run(args: argparse.Namespace) -> int:
+    """The body of ``equiav finetune`` (logging is set up by equiav.cli)."""
     if args.max_steps is not None and args.max_steps < 1:
         raise SystemExit(f"--max-steps must be >= 1, got {args.max_steps}")
-    settings = _parse_settings(args.settings)
+    settings = FinetuneSettings.from_dict(args.settings)
     inputs = DatasetInputs.load(args.usable, args.classes, args.norm_stats)
     info = setup_distributed()
     try:
@@ -1004,5 +1002,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.exit(main())

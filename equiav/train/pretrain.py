@@ -1,8 +1,8 @@
-"""Stage 5: EquiAV pre-training on HDF5 feature shards (docs/training.md).
+"""EquiAV pre-training on HDF5 feature shards (``equiav pretrain``; docs/training.md).
 
-    python -m equiav.train.pretrain --settings settings.json --usable usable.csv \\
+    equiav pretrain --settings settings.json --usable usable.csv \\
         --norm-stats norm_stats.json --out model.pt --work-dir work/     # one process
-    torchrun --nproc-per-node 8 -m equiav.train.pretrain ...               # DDP, one node or many
+    equiav launch --gpus 8 -- pretrain ...                               # DDP: torchrun, one node or many
 
 Rolling checkpoints, metrics.csv, TensorBoard events and the resolved configuration live in
 ``--work-dir``, outside the workflow's declared outputs (Snakemake deletes the outputs of a
@@ -36,11 +36,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from equiav.settings import reject_unknown_keys
+from equiav.augment import AudioAugmentConfig
+from equiav.data.inputs import read_norm_stats, read_usable
 from equiav.data.store import FeatureDataset, read_index
 from equiav.losses import EquiAVLoss
 from equiav.model import EquiAV, ModelConfig, load_mae_weights
-from equiav.data.inputs import read_norm_stats, read_usable
+from equiav.options import add_dataset_inputs, add_settings
+from equiav.settings import reject_unknown_keys
 from equiav.train.checkpoint import (
     Checkpointer,
     capture_rng_state,
@@ -72,12 +74,28 @@ from equiav.train.data import (
     make_loader,
 )
 
-__all__ = ["METRICS", "RESUMABLE_CHANGES", "STRATEGIES", "PretrainSettings", "Pretrainer", "main", "train_flops_per_sample"]
+__all__ = [
+    "AUDIO_AUGMENT_SWITCHES",
+    "METRICS",
+    "RESUMABLE_CHANGES",
+    "STRATEGIES",
+    "PretrainSettings",
+    "Pretrainer",
+    "add_arguments",
+    "main",
+    "run",
+    "train_flops_per_sample",
+]
 
 log = logging.getLogger(__name__)
 
 STRATEGIES: tuple[str, ...] = ("joint", "two_stage", "alternating")
 MODEL_PRESETS: dict[str, Any] = {"vit_base": ModelConfig.vit_base, "tiny": ModelConfig.tiny}
+# The AudioAugmentConfig fields that `audio_augment` may set: only the switches that restore the
+# release's behaviour (docs/method.md); the distributions themselves stay the paper's.
+AUDIO_AUGMENT_SWITCHES: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(AudioAugmentConfig) if f.name.startswith("release_")
+)
 # Settings that may differ between a checkpoint and the run that resumes it: they change how
 # often things are written or how data is loaded, never what is computed.
 RESUMABLE_CHANGES: tuple[str, ...] = ("num_workers", "log_every", "checkpoint_every", "keep_checkpoints")
@@ -126,6 +144,9 @@ class PretrainSettings:
         must be a multiple. null: gcd(per-process batch, 16). Runs with different process
         counts draw the same augmentations when the chunk is the same and divides every
         per-process batch involved.
+    audio_augment: {switch: bool} for the AUDIO_AUGMENT_SWITCHES of AudioAugmentConfig (all
+        false, the fixes, by default; true restores the release's behaviour, docs/augment.md).
+        Stored with every switch filled in.
     checkpoint_every (steps), keep_checkpoints, log_every (steps), compile (torch.compile, CUDA only).
     """
 
@@ -152,6 +173,7 @@ class PretrainSettings:
     strategy: str = "joint"
     independent_visual_frame: bool = False
     augment_chunk: int | None = None
+    audio_augment: dict[str, bool] = field(default_factory=dict)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -161,11 +183,21 @@ class PretrainSettings:
         if not isinstance(self.model, Mapping):
             raise ValueError(f"model must be a mapping like {{'preset': 'vit_base'}}, got {self.model!r}")
         if isinstance(self.splits, str):
-            raise ValueError(f"splits must be a list of split names, e.g. [{self.splits!r}], got the string {self.splits!r}")
+            raise ValueError(
+                f"splits must be a list of split names, e.g. [{self.splits!r}], got the string {self.splits!r}"
+            )
         # Normalise JSON lists to tuples so that equal settings compare equal.
         object.__setattr__(self, "splits", tuple(self.splits))
         object.__setattr__(self, "betas", tuple(self.betas))
         object.__setattr__(self, "model", dict(self.model))
+        if not isinstance(self.audio_augment, Mapping):
+            raise ValueError(
+                f"audio_augment must be a mapping like {{'release_clamp': true}}, got {self.audio_augment!r}"
+            )
+        # Every switch spelt out, so that the stored settings say what the run did.
+        object.__setattr__(
+            self, "audio_augment", {name: False for name in AUDIO_AUGMENT_SWITCHES} | dict(self.audio_augment)
+        )
         problems = self._problems()
         if problems:
             raise ValueError("invalid pre-training settings: " + "; ".join(problems))
@@ -209,6 +241,14 @@ class PretrainSettings:
         for name in ("positive_in_denominator", "independent_visual_frame", "compile"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
+        unknown = sorted(set(self.audio_augment) - set(AUDIO_AUGMENT_SWITCHES))
+        if unknown:
+            problems.append(
+                f"unknown audio_augment setting(s) {', '.join(map(repr, unknown))}; known: {', '.join(AUDIO_AUGMENT_SWITCHES)}"
+            )
+        for name, value in self.audio_augment.items():
+            if name not in unknown and not isinstance(value, bool):
+                problems.append(f"audio_augment.{name} must be true or false, got {value!r}")
         return problems
 
     @classmethod
@@ -231,16 +271,14 @@ class PretrainSettings:
         reject_unknown_keys(ModelConfig, overrides, "model setting(s)")
         return MODEL_PRESETS[preset](**overrides)
 
+    def audio_augment_config(self) -> AudioAugmentConfig:
+        """The AudioAugmentConfig training draws from: the paper's, with ``audio_augment``'s switches."""
+        return AudioAugmentConfig(**self.audio_augment)
+
 
 # --------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------
-
-
-def _read_settings(value: str) -> PretrainSettings:
-    """``--settings``: a JSON object, or the path of a file holding one."""
-    text = value if value.lstrip().startswith("{") else Path(value).read_text()
-    return PretrainSettings.from_dict(json.loads(text))
 
 
 def _check_shapes(features: FeatureDataset, config: ModelConfig) -> None:
@@ -459,6 +497,7 @@ class Pretrainer:
             centroid_samples=config.centroid_samples,
             chunk=chunk,
             device=device,
+            audio_config=settings.audio_augment_config(),
         )
         self.augmenter.check_batch(self.sampler.local_batch)
         self.steps_per_epoch = self.sampler.batches_per_epoch
@@ -513,6 +552,8 @@ class Pretrainer:
                 log.info(load_mae_weights(self.model, self.settings.mae_weights).summary())
             return None
         state = self.checkpointer.load(latest)
+        # Checkpoints from before `audio_augment` existed could only have trained with the fixes.
+        state["config"]["settings"].setdefault("audio_augment", {name: False for name in AUDIO_AUGMENT_SWITCHES})
         differences = _resolved_differences(state["config"], self.resolved)
         if differences:
             raise RuntimeError(
@@ -530,7 +571,11 @@ class Pretrainer:
             restore_rng_state(rng[self.info.rank])
         else:
             # Only dropout-like layers read these generators; data and augmentation streams are keyed.
-            log.warning("the checkpoint has RNG states of %d process(es), this run has %d: reseeding", len(rng), self.info.world_size)
+            log.warning(
+                "the checkpoint has RNG states of %d process(es), this run has %d: reseeding",
+                len(rng),
+                self.info.world_size,
+            )
             seed_everything(derive_seed(self.settings.seed, self.step), self.info.rank)
         log.info(
             "resuming from %s at step %d/%d (epoch %d, batch %d)",
@@ -682,7 +727,9 @@ class Pretrainer:
                     if signum and self.step < end_step:
                         if dist.is_initialized():
                             dist.barrier()  # no rank exits while rank 0 still writes
-                        log.warning("stopped by signal %d at step %d; its checkpoint resumes the run", signum, self.step)
+                        log.warning(
+                            "stopped by signal %d at step %d; its checkpoint resumes the run", signum, self.step
+                        )
                         return 128 + signum
                     if self.step == end_step:
                         break
@@ -695,24 +742,27 @@ class Pretrainer:
 # --------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m equiav.train.pretrain", description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", required=True, help="pre-training settings: a JSON object or a JSON file")
-    parser.add_argument("--usable", required=True, type=Path, help="usable.csv of the availability stage")
-    parser.add_argument("--norm-stats", required=True, type=Path, help="norm_stats.json (keys mean, std)")
-    parser.add_argument("--out", required=True, type=Path, help="final weights, written when training completes")
-    parser.add_argument("--work-dir", required=True, type=Path, help="checkpoints, metrics.csv, TensorBoard, config")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop (and export) after this many steps")
-    return parser
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``equiav pretrain``."""
+    add_settings(p, "pre-training settings (PretrainSettings)")
+    add_dataset_inputs(p, classes=False)
+    p.add_argument("--out", required=True, type=Path, help="final weights, written when training completes")
+    p.add_argument("--work-dir", required=True, type=Path, help="checkpoints, metrics.csv, TensorBoard, config")
+    p.add_argument("--max-steps", type=int, default=None, help="stop (and export) after this many steps (default: all)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (module docstring)."""
-    args = build_parser().parse_args(argv)
+    """``equiav pretrain ARGV``; returns the exit code (module docstring)."""
+    from equiav.cli import main as equiav_main
+
+    return equiav_main(["pretrain", *(sys.argv[1:] if argv is None else argv)])
+
+
+def run(args: argparse.Namespace) -> int:
+    """The body of ``equiav pretrain`` (logging is set up by equiav.cli)."""
     if args.max_steps is not None and args.max_steps < 1:
         raise SystemExit(f"--max-steps must be >= 1, got {args.max_steps}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    settings = _read_settings(args.settings)
+    settings = PretrainSettings.from_dict(args.settings)
     deterministic = torch.are_deterministic_algorithms_enabled()
     with StopSignal() as stop:
         info = setup_distributed()
@@ -726,7 +776,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not info.is_main:
                 logging.getLogger("equiav").setLevel(logging.WARNING)
             trainer = Pretrainer(
-                settings, usable=args.usable, norm_stats=args.norm_stats, out=args.out, work_dir=args.work_dir, info=info
+                settings,
+                usable=args.usable,
+                norm_stats=args.norm_stats,
+                out=args.out,
+                work_dir=args.work_dir,
+                info=info,
             )
             trainer.write_run_info(trainer.resume())
             return trainer.run(max_steps=args.max_steps, stop=stop)

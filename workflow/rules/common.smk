@@ -51,7 +51,9 @@ def archive_of(name):
     except ArchiveError as e:
         raise ValueError(f"config key 'datasets.{name}.archive.path': {e}") from None
     if kind == "folder" and archive.get("sha256"):
-        print(f"Note: datasets.{name}.archive.sha256 is not checked: {where} is a folder, used as it is.", file=sys.stderr)
+        print(
+            f"Note: datasets.{name}.archive.sha256 is not checked: {where} is a folder, used as it is.", file=sys.stderr
+        )
     return kind, where
 
 

@@ -8,16 +8,16 @@ rule download:
         shard=f"{DATA}/{{dataset}}/shards/{{shard}}.csv",
     output:
         f"{RESULTS}/{{dataset}}/download/{{shard}}.csv",
-    conda:
-        "../../envs/data.yaml"
     log:
         f"{RESULTS}/{{dataset}}/logs/download/{{shard}}.log",
-    params:
-        settings=settings,
-        media_dir=lambda w: f"{DATA}/{w.dataset}/media/{w.shard}",
+    conda:
+        "../../envs/data.yaml"
     resources:
         # Bound the downloads running at once across the workflow: --resources downloads=N.
         downloads=1,
+    params:
+        settings=settings,
+        media_dir=lambda w: f"{DATA}/{w.dataset}/media/{w.shard}",
     shell:
         "python -m equiav download --settings {params.settings:q} --shard {input.shard}"
         " --media-dir {params.media_dir} --out {output} 2> {log}"

@@ -12,17 +12,17 @@ rule finetune:
         f"{RESULTS}/finetune/{{run}}/finetune.log",
     benchmark:
         f"{RESULTS}/finetune/{{run}}/benchmark.tsv"
+    wildcard_constraints:
+        run=one_of(FINETUNE),
     conda:
         "../../envs/train.yaml"
+    threads: training_threads(FINETUNE)
+    resources:
+        **training_resources(FINETUNE),
     params:
         settings=lambda w: json.dumps(finetune_settings(w.run), sort_keys=True),
         work_dir=lambda w: f"{DATA}/finetune/{w.run}",
         launch=lambda w: launcher(FINETUNE[w.run]["resources"]),
-    threads: training_threads(FINETUNE)
-    resources:
-        **training_resources(FINETUNE),
-    wildcard_constraints:
-        run=one_of(FINETUNE),
     shell:
         "{params.launch} finetune --settings {params.settings:q} --pretrained {input.pretrained}"
         " --usable {input.usable} --norm-stats {input.norm} --classes {input.classes}"
@@ -40,15 +40,15 @@ rule retrieval:
         matches=f"{RESULTS}/retrieval/{{run}}/matches.csv",
     log:
         f"{RESULTS}/retrieval/{{run}}/retrieval.log",
+    wildcard_constraints:
+        run=one_of(RETRIEVAL),
     conda:
         "../../envs/train.yaml"
+    resources:
+        gpu=lambda w: RETRIEVAL[w.run]["resources"]["gpus"],
     params:
         run=lambda w: RETRIEVAL[w.run],
         ids=lambda w: f"--ids {RETRIEVAL[w.run]['ids']}" if RETRIEVAL[w.run]["ids"] else "",
-    resources:
-        gpu=lambda w: RETRIEVAL[w.run]["resources"]["gpus"],
-    wildcard_constraints:
-        run=one_of(RETRIEVAL),
     shell:
         "python -m equiav retrieval --pretrained {input.pretrained} --usable {input.usable}"
         " --norm-stats {input.norm} --classes {input.classes} --split {params.run[split]}"

@@ -7,15 +7,15 @@ rule features:
     output:
         h5=f"{DATA}/{{dataset}}/features/{{shard}}.h5",
         status=f"{RESULTS}/{{dataset}}/features/{{shard}}.csv",
-    conda:
-        "../../envs/data.yaml"
     log:
         f"{RESULTS}/{{dataset}}/logs/features/{{shard}}.log",
     benchmark:
         f"{RESULTS}/{{dataset}}/benchmarks/features/{{shard}}.tsv"
+    conda:
+        "../../envs/data.yaml"
+    threads: lambda w: dataset(w.dataset)["features"]["workers"]
     params:
         settings=settings,
-    threads: lambda w: dataset(w.dataset)["features"]["workers"]
     shell:
         "python -m equiav features --settings {params.settings:q} --downloads {input}"
         " --out-h5 {output.h5} --out-status {output.status} 2> {log}"
@@ -33,10 +33,10 @@ rule availability:
         status=f"{RESULTS}/{{dataset}}/status.csv",
         usable=f"{RESULTS}/{{dataset}}/usable.csv",
         obtained=directory(f"{RESULTS}/{{dataset}}/obtained"),
-    conda:
-        "../../envs/data.yaml"
     log:
         f"{RESULTS}/{{dataset}}/logs/availability.log",
+    conda:
+        "../../envs/data.yaml"
     params:
         out_dir=lambda w, output: os.path.dirname(output.report),
     shell:
@@ -51,10 +51,10 @@ rule norm_stats:
         h5=per_shard(f"{DATA}/{{dataset}}/features/{{shard}}.h5"),
     output:
         f"{RESULTS}/{{dataset}}/norm_stats.json",
-    conda:
-        "../../envs/data.yaml"
     log:
         f"{RESULTS}/{{dataset}}/logs/norm_stats.log",
+    conda:
+        "../../envs/data.yaml"
     params:
         settings=settings,
     shell:

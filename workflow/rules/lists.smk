@@ -4,15 +4,15 @@
 rule demo_data:
     output:
         f"{DATA}/{{dataset}}/generated/list.csv",
-    conda:
-        "../../envs/data.yaml"
     log:
         f"{RESULTS}/{{dataset}}/logs/demo_data.log",
+    wildcard_constraints:
+        dataset=one_of(GENERATED),
+    conda:
+        "../../envs/data.yaml"
     params:
         demo=lambda w: json.dumps(config["demo"]),
         out_dir=lambda w, output: os.path.dirname(output[0]),
-    wildcard_constraints:
-        dataset=one_of(GENERATED),
     shell:
         "python -m equiav demo-data --settings {params.demo:q} --out-dir {params.out_dir} 2> {log}"
 
@@ -20,13 +20,13 @@ rule demo_data:
 rule fetch_list:
     output:
         f"{DATA}/{{dataset}}/lists/{{file}}",
-    conda:
-        "../../envs/data.yaml"
     log:
         f"{RESULTS}/{{dataset}}/logs/fetch_list/{{file}}.log",
+    retries: 2
+    conda:
+        "../../envs/data.yaml"
     params:
         url=url_of_fetched,
-    retries: 2
     shell:
         "python -m equiav fetch --url {params.url:q} --out {output} 2> {log}"
 
@@ -38,17 +38,17 @@ rule fetch_archive:
         lambda w: [ARCHIVES[w.dataset][1]] if ARCHIVES[w.dataset][0] == "file" else [],
     output:
         directory(f"{DATA}/{{dataset}}/archive"),
-    conda:
-        "../../envs/data.yaml"
     log:
         f"{RESULTS}/{{dataset}}/logs/fetch_archive.log",
+    wildcard_constraints:
+        dataset=one_of(ARCHIVED),
+    conda:
+        "../../envs/data.yaml"
     params:
         source=archive_option,
         sha256=lambda w: (
             f"--sha256 {dataset(w.dataset)['archive']['sha256']}" if dataset(w.dataset)["archive"]["sha256"] else ""
         ),
-    wildcard_constraints:
-        dataset=one_of(ARCHIVED),
     shell:
         "python -m equiav fetch-archive {params.source} {params.sha256} --out-dir {output} 2> {log}"
 
@@ -61,10 +61,10 @@ checkpoint manifest:
         classes=f"{RESULTS}/{{dataset}}/classes.csv",
         problems=f"{RESULTS}/{{dataset}}/list_problems.csv",
         shards=directory(f"{DATA}/{{dataset}}/shards"),
-    conda:
-        "../../envs/data.yaml"
     log:
         f"{RESULTS}/{{dataset}}/logs/manifest.log",
+    conda:
+        "../../envs/data.yaml"
     params:
         settings=settings,
         out_dir=lambda w, output: os.path.dirname(output.manifest),

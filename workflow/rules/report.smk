@@ -34,10 +34,10 @@ rule table_page:
         ),
     log:
         f"{RESULTS}/logs/report/table_{{table}}.log",
-    conda:
-        "../../envs/data.yaml"
     wildcard_constraints:
         table=one_of(TABLE_KEYS),
+    conda:
+        "../../envs/data.yaml"
     shell:
         "python -m equiav report page --markdown {input} --title 'Table {wildcards.table}' --out {output} > {log} 2>&1"
 
@@ -55,10 +55,10 @@ rule pretrain_curves:
         ),
     log:
         f"{RESULTS}/logs/report/pretrain_{{run}}.log",
-    conda:
-        "../../envs/train.yaml"
     wildcard_constraints:
         run=one_of(PRETRAIN),
+    conda:
+        "../../envs/train.yaml"
     shell:
         "python -m equiav report curves --history {input} --title 'pre-training {wildcards.run}'"
         " --out {output} > {log} 2>&1"
@@ -97,13 +97,13 @@ rule retrieval_examples:
         ),
     log:
         f"{RESULTS}/logs/report/retrieval_{{run}}_{{direction}}.log",
+    wildcard_constraints:
+        run=one_of(RETRIEVAL),
+        direction="v2a|a2v",
     conda:
         "../../envs/train.yaml"
     params:
         shown=lambda w: RETRIEVAL[w.run]["report"],
-    wildcard_constraints:
-        run=one_of(RETRIEVAL),
-        direction="v2a|a2v",
     shell:
         "python -m equiav report retrieval-examples --matches {input.matches} --usable {input.usable}"
         " --classes {input.classes} --norm-stats {input.norm} --direction {wildcards.direction}"
@@ -125,15 +125,15 @@ rule qualitative:
         ),
     log:
         f"{RESULTS}/logs/report/qualitative_{{run}}.log",
+    wildcard_constraints:
+        run=one_of(RETRIEVAL),
     conda:
         "../../envs/train.yaml"
+    resources:
+        gpu=lambda w: min(1, RETRIEVAL[w.run]["resources"]["gpus"]),
     params:
         shown=lambda w: RETRIEVAL[w.run]["report"],
         seed=lambda w: RETRIEVAL[w.run]["seed"],
-    resources:
-        gpu=lambda w: min(1, RETRIEVAL[w.run]["resources"]["gpus"]),
-    wildcard_constraints:
-        run=one_of(RETRIEVAL),
     shell:
         "python -m equiav report qualitative --pretrained {input.pretrained} --ids {input.ids}"
         " --usable {input.usable} --classes {input.classes} --norm-stats {input.norm}"

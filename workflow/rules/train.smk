@@ -15,17 +15,17 @@ rule pretrain:
         f"{RESULTS}/pretrain/{{run}}/pretrain.log",
     benchmark:
         f"{RESULTS}/pretrain/{{run}}/benchmark.tsv"
+    wildcard_constraints:
+        run=one_of(PRETRAIN),
     conda:
         "../../envs/train.yaml"
+    threads: training_threads(PRETRAIN)
+    resources:
+        **training_resources(PRETRAIN),
     params:
         settings=lambda w: json.dumps(PRETRAIN[w.run]["settings"], sort_keys=True),
         work_dir=lambda w: f"{DATA}/pretrain/{w.run}",
         launch=lambda w: launcher(PRETRAIN[w.run]["resources"]),
-    threads: training_threads(PRETRAIN)
-    resources:
-        **training_resources(PRETRAIN),
-    wildcard_constraints:
-        run=one_of(PRETRAIN),
     shell:
         "{params.launch} pretrain --settings {params.settings:q} --usable {input.usable}"
         " --norm-stats {input.norm} --out {output.model} --work-dir {params.work_dir} 2> {log}"
