@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import platform
 import resource
@@ -41,6 +40,7 @@ from unittest import mock
 import numpy as np
 import torch
 import torchvision
+from common import write_json
 from feature_extraction import cpu_model, make_clips
 
 from equiav.data import media
@@ -239,9 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "samples": {"options": option_times, "breakdown": parts},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, report)
     return report
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import write_json
 
 from equiav.data.features import FeatureSettings, fbank
 from equiav.data.media import decode_clip, ffmpeg_exe
@@ -230,9 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
             "frame_mean_abs_pixel_diff": pixel_diff,
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, report)
     return report
 
 
