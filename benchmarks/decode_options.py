@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torchvision
 from common import write_json
-from feature_extraction import cpu_model, make_clips
+from feature_extraction import add_clip_arguments, cpu_model, make_clips
 
 from equiav.data import media
 from equiav.data.features import FeatureSettings, fbank
@@ -181,12 +181,8 @@ def breakdown(paths: list[Path], seconds: float, repeats: int) -> dict[str, dict
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", type=int, default=8, help="number of clips (default 8)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="clip length in s (default 10)")
-    parser.add_argument("--gop", type=float, default=2.0, help="H.264 keyframe interval in s (default 2)")
+    add_clip_arguments(parser, clips=8)
     parser.add_argument("--repeats", type=int, default=3, help="passes over the clips (default 3)")
-    parser.add_argument("--core", type=int, default=None, help="CPU to pin to (default: the first allowed)")
-    parser.add_argument("--work", type=Path, default=ROOT / "out" / "feature_extraction_media")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "decode_options.json")
     args = parser.parse_args(argv)
 

@@ -172,13 +172,18 @@ def cpu_model() -> str:
     return "unknown"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", type=int, default=20, help="number of clips (default 20)")
+def add_clip_arguments(parser: argparse.ArgumentParser, clips: int) -> None:
+    """The generated clips (count, length, keyframe interval, folder) and the pinned core."""
+    parser.add_argument("--clips", type=int, default=clips, help=f"number of clips (default {clips})")
     parser.add_argument("--seconds", type=float, default=10.0, help="clip length in s (default 10)")
     parser.add_argument("--gop", type=float, default=2.0, help="H.264 keyframe interval in s (default 2)")
     parser.add_argument("--core", type=int, default=None, help="CPU to pin to (default: the first allowed)")
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "feature_extraction_media")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_clip_arguments(parser, clips=20)
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "feature_extraction.json")
     args = parser.parse_args(argv)
     cv2 = import_cv2()

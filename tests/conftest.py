@@ -19,6 +19,17 @@ FRAME_NUMBER_BITS = 8
 FRAME_NUMBER_LUMA = f"255*mod(floor(N/pow(2,floor(X*{FRAME_NUMBER_BITS}/W))),2)"
 
 
+# The release's behaviours docs/method.md names, as `audio_augment` keys of a pre-training
+# run's settings (written out here, not read from the code: the docs are the promise).
+RELEASE_SWITCHES = (
+    "release_mask_units",
+    "release_crop_axes",
+    "release_clamp",
+    "release_time_shift",
+    "release_coupled_shift",
+)
+
+
 def make_clip(
     path: Path,
     seconds: float,

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import yaml
+from conftest import RELEASE_SWITCHES
 from workflow_runner import REPO, small_demo_config, snakemake
 
 
@@ -73,15 +74,6 @@ def test_replace_workflow_config_leaves_config_yaml_out_in_both(tmp_path):
 def test_validate_config_names_a_missing_file(tmp_path):
     checked = validate(tmp_path / "nope.yaml", cwd=REPO)
     assert checked.returncode == 2 and "nope.yaml: No such file or directory" in checked.stderr
-
-
-RELEASE_SWITCHES = (
-    "release_mask_units",
-    "release_crop_axes",
-    "release_clamp",
-    "release_time_shift",
-    "release_coupled_shift",
-)
 
 
 def test_the_release_switches_are_pretraining_settings(tmp_path):

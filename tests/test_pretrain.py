@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import torch
 import torchvision.io
+from conftest import RELEASE_SWITCHES
 
 from equiav.augment import AudioAugmentConfig
 from equiav.data.features import FeatureSettings
@@ -286,16 +287,6 @@ def test_settings_defaults_are_the_paper_recipe_and_unknown_keys_fail():
         PretrainSettings.from_dict({"splits": "train"})
     with pytest.raises(ValueError, match="unknown model setting"):
         PretrainSettings.from_dict({"model": {"preset": "tiny", "width": 3}})
-
-
-# The release's behaviours docs/method.md names, as `audio_augment` keys of the run's settings.
-RELEASE_SWITCHES = (
-    "release_mask_units",
-    "release_crop_axes",
-    "release_clamp",
-    "release_time_shift",
-    "release_coupled_shift",
-)
 
 
 def _trainer(data: dict[str, Path], work: Path, settings: dict[str, Any]) -> Pretrainer:
