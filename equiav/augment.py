@@ -51,6 +51,11 @@ Visual vector (input: RGB ``[B, 3, H, W]`` in [0, 1]):
 ====  =========================================================================================
 
 Every slot of an augmentation that was not applied is 0 (the order slots hold [0, 1, 2, 3]).
+
+Kept whole: the draws, their encoding into the two vectors and the operations that apply them
+are one contract (the table above); the predictor learns from the vectors only if each slot
+describes the transform that was applied, so the three are read and changed together. The
+distributions themselves are :mod:`equiav.settings.augment`.
 """
 
 from __future__ import annotations
@@ -61,8 +66,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+
+from equiav.settings.augment import AudioAugmentConfig, VisualAugmentConfig
 
 __all__ = [
     "AUDIO_PARAM_DIM",
@@ -74,7 +82,11 @@ __all__ = [
     "AudioAugmentConfig",
     "VisualAugment",
     "VisualAugmentConfig",
+    "draw_band",
+    "mask_bands",
     "normalize_image",
+    "numpy_uniform",
+    "roll_time",
 ]
 
 AUDIO_PARAM_DIM = 24
@@ -91,124 +103,6 @@ _CROP_ATTEMPTS = 10
 
 Uniform = Callable[..., Tensor]
 _Draw = TypeVar("_Draw")  # one of the draw dataclasses below
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------
-
-
-def _check_probability(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} is a probability and must lie in [0, 1]; got {value!r}")
-
-
-def _check_interval(name: str, interval: tuple[float, float], *, positive: bool = True) -> None:
-    if len(interval) != 2:
-        raise ValueError(f"{name} must be a (low, high) pair; got {interval!r}")
-    low, high = interval
-    if low > high or (positive and low <= 0):
-        need = "0 < low <= high" if positive else "low <= high"
-        raise ValueError(f"{name} must satisfy {need}; got {interval!r}")
-
-
-def _check_truncate(truncate: float) -> None:
-    if truncate <= 0:
-        raise ValueError(f"blur_truncate must be > 0 (kernel radius = ceil(truncate * sigma)); got {truncate!r}")
-
-
-def _check_jitter_strengths(brightness: float, contrast: float, saturation: float, hue: float) -> None:
-    # Factors are drawn from [1 - x, 1 + x]; a negative factor is no colour transform at all.
-    for name, value in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} jitter strength must lie in [0, 1] (factor in [1 - x, 1 + x]); got {value!r}")
-    if not 0.0 <= hue <= 0.5:
-        raise ValueError(f"hue jitter strength must lie in [0, 0.5] (a shift in turns); got {hue!r}")
-
-
-@dataclass(frozen=True)
-class AudioAugmentConfig:
-    """Distributions of the audio augmentations (method.md section 3; defaults are the paper's).
-
-    Units: ``time_mask`` in frames, ``freq_mask`` in bins, ``crop_ratio`` is freq/time (width over
-    height of the crop on the [T, F] plane), ``sigma`` in frames/bins. The blur kernel has radius
-    ``ceil(blur_truncate * sigma)``; the default 1.0 is the release's side ``2 * ceil(sigma) + 1``.
-
-    The ``release_*`` switches restore behaviours of the authors' release that this project
-    treats as bugs (see docs/augment.md); all default to the fix.
-    """
-
-    specaug_p: float = 0.8
-    time_mask: int = 192
-    freq_mask: int = 48
-    time_shift_p: float = 0.8
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (1 / 10, 1.5 / 8)
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    blur_p: float = 0.5
-    sigma: tuple[float, float] = (0.1, 2.0)
-    blur_truncate: float = 1.0
-    flip_p: float = 0.5
-    flip_axis: str = "time"
-    release_mask_units: bool = False
-    release_crop_axes: bool = False
-    release_clamp: bool = False
-    release_time_shift: bool = False
-    release_coupled_shift: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("specaug_p", "time_shift_p", "jitter_p", "blur_p", "flip_p"):
-            _check_probability(name, getattr(self, name))
-        for name in ("time_mask", "freq_mask"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} is a maximum mask width and must be an int >= 0; got {value!r}")
-        _check_interval("crop_scale", self.crop_scale)
-        _check_interval("crop_ratio", self.crop_ratio)
-        _check_interval("sigma", self.sigma)
-        _check_jitter_strengths(self.brightness, self.contrast, self.saturation, self.hue)
-        _check_truncate(self.blur_truncate)
-        if self.flip_axis not in ("time", "freq"):
-            raise ValueError(f"flip_axis must be 'time' or 'freq' (the release's choice); got {self.flip_axis!r}")
-
-
-@dataclass(frozen=True)
-class VisualAugmentConfig:
-    """Distributions of the visual augmentations (method.md section 3; defaults are the paper's).
-
-    ``crop_ratio`` is width/height, ``size`` the output side in pixels, ``sigma`` in output pixels.
-    The blur kernel has radius ``ceil(blur_truncate * sigma)``; 3.0 keeps the Gaussian's support
-    as PIL's ``GaussianBlur(radius=sigma)`` of the release does (it is not truncated at 1 sigma).
-    """
-
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    size: int = 224
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    blur_p: float = 0.5
-    sigma: tuple[float, float] = (0.1, 2.0)
-    blur_truncate: float = 3.0
-    flip_p: float = 0.5
-    gray_p: float = 0.2
-
-    def __post_init__(self) -> None:
-        for name in ("jitter_p", "blur_p", "flip_p", "gray_p"):
-            _check_probability(name, getattr(self, name))
-        if not isinstance(self.size, int) or self.size < 1:
-            raise ValueError(f"size is the output side in pixels and must be an int >= 1; got {self.size!r}")
-        _check_interval("crop_scale", self.crop_scale)
-        _check_interval("crop_ratio", self.crop_ratio)
-        _check_interval("sigma", self.sigma)
-        _check_jitter_strengths(self.brightness, self.contrast, self.saturation, self.hue)
-        _check_truncate(self.blur_truncate)
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,8 +283,9 @@ class _AudioDraw:
     flip: Tensor  # bool [n]
 
 
-def _draw_mask(rand: Uniform, n: int, max_width: int, size: int) -> Tensor:
-    """torchaudio's mask_along_axis per sample: width U[0, max_width) floored, start U[0, size - width).
+def draw_band(rand: Uniform, n: int, max_width: int, size: int) -> Tensor:
+    """SpecAugment's band per sample, as torchaudio's mask_along_axis: width U[0, max_width)
+    floored, start U[0, size - width).
 
     Returns int64 [n, 2]: [start, end), with end <= size.
     """
@@ -399,10 +294,36 @@ def _draw_mask(rand: Uniform, n: int, max_width: int, size: int) -> Tensor:
     return torch.stack([start, start + torch.floor(width)], dim=1).long()
 
 
+def numpy_uniform(rng: np.random.Generator) -> Uniform:
+    """``rand(*shape)`` -> float64 U[0, 1) from a numpy generator (fine-tuning's per-step draws)."""
+    return lambda *shape: torch.from_numpy(rng.random(shape))
+
+
+def mask_bands(spec: Tensor, time_band: Tensor, freq_band: Tensor) -> Tensor:
+    """SpecAugment: zero (the normalised mean) one time and one frequency band per sample.
+
+    spec: [B, T, F]; time_band, freq_band: int64 [B, 2] of [start, end) on spec's device
+    (``draw_band``). Returns a new tensor.
+    """
+    _, time_frames, freq_bins = spec.shape
+    frames = torch.arange(time_frames, device=spec.device)
+    bins = torch.arange(freq_bins, device=spec.device)
+    in_time = (frames >= time_band[:, :1]) & (frames < time_band[:, 1:])
+    in_freq = (bins >= freq_band[:, :1]) & (bins < freq_band[:, 1:])
+    return spec.masked_fill(in_time[:, :, None] | in_freq[:, None, :], 0.0)
+
+
+def roll_time(spec: Tensor, shift: Tensor) -> Tensor:
+    """torch.roll along time by a per-sample amount: out[b, t] = spec[b, (t - shift[b]) mod T]."""
+    batch, time_frames, freq_bins = spec.shape
+    source = (torch.arange(time_frames, device=spec.device) - shift[:, None]).remainder(time_frames)
+    return spec.gather(1, source[:, :, None].expand(batch, time_frames, freq_bins))
+
+
 def _draw_audio(config: AudioAugmentConfig, n: int, time_frames: int, freq_bins: int, rand: Uniform) -> _AudioDraw:
     specaug = rand(n) < config.specaug_p
-    time_mask = _draw_mask(rand, n, config.time_mask, time_frames) * specaug[:, None]
-    freq_mask = _draw_mask(rand, n, config.freq_mask, freq_bins) * specaug[:, None]
+    time_mask = draw_band(rand, n, config.time_mask, time_frames) * specaug[:, None]
+    freq_mask = draw_band(rand, n, config.freq_mask, freq_bins) * specaug[:, None]
     shift_coin = rand(n) < config.time_shift_p
     shift_applied = specaug if config.release_coupled_shift else shift_coin
     shift = _randint(rand, -time_frames, time_frames, n) * shift_applied
@@ -738,18 +659,9 @@ class AudioAugment(nn.Module):
         draw = _draw_per_chunk(lambda n, rand: _draw_audio(config, n, time_frames, freq_bins, rand), batch, generator)
         device = spec.device
 
-        # SpecAugment: zero (the normalised mean) one time and one frequency band per sample.
-        time_mask, freq_mask = _to_device(draw.time_mask, device), _to_device(draw.freq_mask, device)
-        frames = torch.arange(time_frames, device=device)
-        bins = torch.arange(freq_bins, device=device)
-        in_time = (frames >= time_mask[:, :1]) & (frames < time_mask[:, 1:])
-        in_freq = (bins >= freq_mask[:, :1]) & (bins < freq_mask[:, 1:])
-        x = spec.masked_fill(in_time[:, :, None] | in_freq[:, None, :], 0.0)
-
-        # Time shift: torch.roll along time by a per-sample amount, out[t] = x[(t - shift) mod T].
+        x = mask_bands(spec, _to_device(draw.time_mask, device), _to_device(draw.freq_mask, device))
         if not config.release_time_shift:
-            source = (frames - _to_device(draw.shift, device)[:, None]).remainder(time_frames)
-            x = x.gather(1, source[:, :, None].expand(batch, time_frames, freq_bins))
+            x = roll_time(x, _to_device(draw.shift, device))
 
         x = _resized_crop(x[:, None], draw.crop, time_frames, freq_bins)[:, 0]
         x = _apply_jitter(x, draw.jitter, lambda op, s, f: _audio_jitter_op(op, s, f, config.release_clamp))

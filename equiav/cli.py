@@ -306,9 +306,11 @@ def _summary(args: argparse.Namespace) -> None:
 
 
 # Commands whose options and body live in their own modules (training, evaluation, embedding).
-_module_command("embed", USER, "write audio and visual embeddings of video files (.npz)", "equiav.embed", "embed_")
 _module_command(
-    "retrieve", USER, "rank a folder of clips by a query clip across modalities", "equiav.embed", "retrieve_"
+    "embed", USER, "write audio and visual embeddings of video files (.npz)", "equiav.embed_commands", "embed_"
+)
+_module_command(
+    "retrieve", USER, "rank a folder of clips by a query clip across modalities", "equiav.embed_commands", "retrieve_"
 )
 _module_command("tables", USER, "the paper's tables: our numbers beside the paper's", "equiav.eval.tables")
 _module_command(

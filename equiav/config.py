@@ -3,6 +3,14 @@
 The schema (``workflow/schemas/config.schema.yaml``) is the one description of every key;
 this module fills its defaults and turns validation failures into messages that name the
 key, the bad value and what is allowed.
+
+Snakemake's ``snakemake.utils.validate(config, schema, set_default=True)`` cannot fill them:
+it only fills a key whose own property schema has a ``default``, so a key given as a bare
+``$ref`` stays missing (a data set without ``download`` or ``features``, as in the esc50 and
+spc_v1 presets, and a pretrain, finetune or retrieval run without ``resources``), although
+the definition it points to (``$defs/download``, ``$defs/features``, ``$defs/resources``)
+has ``default: {}``. That is why this module fills the defaults itself, following ``$ref``;
+they are still written only in the schema.
 """
 
 from __future__ import annotations
@@ -149,8 +157,8 @@ def _semantic_problems(config: dict) -> list[str]:
 def check_run_settings(config: dict) -> None:
     """Build the settings of every training and evaluation run, so a bad field stops the
     workflow at start-up rather than hours later, when its job finally runs."""
-    from equiav.train.finetune import FinetuneSettings
-    from equiav.train.pretrain import PretrainSettings
+    from equiav.settings.finetune import FinetuneSettings
+    from equiav.settings.pretrain import PretrainSettings
 
     problems = []
     for section, build in (

@@ -27,13 +27,10 @@ logged message and listed in :attr:`Embeddings.failures`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
-import pickle
-import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,15 +43,14 @@ import torch.nn.functional as F
 import torchvision.io
 from torch import Tensor
 
+from equiav.atomic import atomic_output
 from equiav.augment import normalize_image
 from equiav.data.features import FeatureSettings, fbank
 from equiav.data.media import MediaError, decode_clip
 from equiav.data.status import DECODE_ERROR, NO_AUDIO, NO_VIDEO, TOO_SHORT
 from equiav.eval.retrieval import draw_centroid_params
 from equiav.model import EquiAV, ModelConfig, convert_release_state_dict
-from equiav.model.convert import RELEASE_PREFIX
-from equiav.options import add_device, add_pretrained, add_workers, resolve_device
-from equiav.train.checkpoint import load_weights
+from equiav.train.checkpoint import load_export, read_weights_file
 
 __all__ = [
     "AUDIOSET_MEAN",
@@ -62,20 +58,14 @@ __all__ = [
     "EVAL_FRAME",
     "EVAL_NUM_FRAMES",
     "VIDEO_EXTENSIONS",
+    "EmbedOptions",
     "EmbeddingModel",
     "Embeddings",
-    "add_embed_arguments",
-    "add_retrieve_arguments",
     "collect_inputs",
     "embed_files",
     "load_embedding_model",
     "load_embeddings",
-    "main",
-    "main_embed",
-    "main_retrieve",
     "rank_clips",
-    "run_embed",
-    "run_retrieve",
     "save_embeddings",
 ]
 
@@ -167,12 +157,8 @@ def save_embeddings(embeddings: Embeddings, path: str | os.PathLike[str]) -> Pat
         "failed_message": np.asarray([f[2] for f in failures], dtype=str),
         "info": np.asarray(json.dumps(embeddings.info)),
     }
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    try:
+    with atomic_output(path) as tmp:
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -226,28 +212,6 @@ class EmbeddingModel:
         )
 
 
-def _read_checkpoint(path: Path) -> Mapping[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        state = load_weights(path)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ValueError(
-            f"cannot read checkpoint {str(path)!r} as a PyTorch weights file (weights_only=True): {err}"
-        ) from err
-    if not isinstance(state, Mapping):
-        raise ValueError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a dict of weights")
-    return state
-
-
-def _looks_like_release(state: Mapping[str, Any]) -> bool:
-    keys = state.get("model", state)
-    return isinstance(keys, Mapping) and any(
-        isinstance(k, str) and k.removeprefix("module.").startswith((RELEASE_PREFIX, "patch_embed_a", "blocks_a."))
-        for k in keys
-    )
-
-
 def _stored_norm(state: Mapping[str, Any]) -> tuple[float, float] | None:
     """(mean, std) of an export of this project: ``norm_stats`` (pre-training) or ``norm``."""
     for key in ("norm_stats", "norm"):
@@ -282,8 +246,8 @@ def load_embedding_model(
             checkpoints, exports without them) AudioSet's -4.346 / 4.332 with a warning.
     """
     path = Path(checkpoint)
-    state = _read_checkpoint(path)
     if release:
+        state = read_weights_file(path)
         if "model_config" in state:
             raise ValueError(
                 f"{str(path)!r} is an equiav export (it has a model_config), not a release checkpoint; drop --release"
@@ -295,16 +259,7 @@ def load_embedding_model(
         weights = convert_release_state_dict(weights)
         stored = None
     else:
-        if "model_config" not in state or "model" not in state:
-            hint = (
-                "; it looks like the authors' release checkpoint: pass --release (release=True)"
-                if _looks_like_release(state)
-                else ""
-            )
-            raise ValueError(
-                f"{str(path)!r} is not an equiav export (keys 'model' and 'model_config' expected, found "
-                f"{sorted(map(str, state))[:8]}){hint}"
-            )
+        state = load_export(path)
         config = ModelConfig.from_dict(dict(state["model_config"]))
         weights = state["model"]
         stored = _stored_norm(state)
@@ -421,33 +376,45 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class EmbedOptions:
+    """How :func:`embed_files` embeds (the model's loading options are
+    :func:`load_embedding_model`'s).
+
+    seed, samples: the S = ``samples`` centroid parameter vectors, drawn from ``seed``.
+    batch_size: clips per forward pass. offset, duration: the part of every file to embed, in
+    seconds (default: all of it). workers: files decoded concurrently (each ffmpeg process uses
+    about one core).
+    """
+
+    seed: int = 0
+    samples: int = 16
+    batch_size: int = 16
+    offset: float = 0.0
+    duration: float | None = None
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.batch_size < 1 or self.workers < 1:
+            raise ValueError(
+                f"samples, batch_size and workers must be >= 1; got {self.samples}, {self.batch_size}, {self.workers}"
+            )
+
+
 @torch.inference_mode()
 def embed_files(
     paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
-    checkpoint: str | os.PathLike[str] | EmbeddingModel,
-    *,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    samples: int = 16,
-    batch_size: int = 16,
-    release: bool = False,
-    mean: float | None = None,
-    std: float | None = None,
-    offset: float = 0.0,
-    duration: float | None = None,
-    workers: int = 1,
+    model: str | os.PathLike[str] | EmbeddingModel,
+    options: EmbedOptions = EmbedOptions(),
 ) -> Embeddings:
     """Audio and visual embeddings of video files (see the module docstring).
 
     Args:
         paths: files and/or folders (a folder contributes its video files, see
             :func:`collect_inputs`).
-        checkpoint: a weights file (see :func:`load_embedding_model`) or an already loaded
-            :class:`EmbeddingModel` (``device``, ``release``, ``mean`` and ``std`` are then ignored).
-        seed, samples: the S = ``samples`` centroid parameter vectors, drawn from ``seed``.
-        batch_size: clips per forward pass.
-        offset, duration: the part of every file to embed, in seconds (default: all of it).
-        workers: files decoded concurrently (each ffmpeg process uses about one core).
+        model: a loaded :class:`EmbeddingModel`, or a weights file loaded with
+            :func:`load_embedding_model`'s defaults (on the CPU, the file's own statistics).
+        options: see :class:`EmbedOptions`.
 
     Returns:
         :class:`Embeddings` of the files that could be embedded, in input order; the others
@@ -457,16 +424,11 @@ def embed_files(
         FileNotFoundError / ValueError: a missing input, a folder without videos, an unreadable
             or mismatched checkpoint, bad arguments.
     """
-    if samples < 1 or batch_size < 1 or workers < 1:
-        raise ValueError(f"samples, batch_size and workers must be >= 1; got {samples}, {batch_size}, {workers}")
+    seed, samples, offset, duration = options.seed, options.samples, options.offset, options.duration
     files = collect_inputs([paths] if isinstance(paths, (str, os.PathLike)) else paths)
     if not files:
         raise ValueError("no input file given")
-    loaded = (
-        checkpoint
-        if isinstance(checkpoint, EmbeddingModel)
-        else load_embedding_model(checkpoint, release=release, mean=mean, std=std, device=device)
-    )
+    loaded = model if isinstance(model, EmbeddingModel) else load_embedding_model(model)
     config = loaded.config
     audio_params, visual_params = draw_centroid_params(
         1, samples, (config.audio_frames, config.audio_freq_bins), (config.image_size, config.image_size), seed
@@ -477,8 +439,8 @@ def embed_files(
     kept_paths: list[str] = []
     outputs: dict[str, list[Tensor]] = {name: [] for name in _ARRAYS}
     failures: list[tuple[str, str, str]] = []
-    with ThreadPoolExecutor(workers) as pool:
-        for batch in _batches(list(zip(ids, files, strict=True)), batch_size):
+    with ThreadPoolExecutor(options.workers) as pool:
+        for batch in _batches(list(zip(ids, files, strict=True)), options.batch_size):
             decoded = list(pool.map(lambda item: _prepare(item[1], loaded, offset, duration), batch))
             good = []
             for (clip_id, path), item in zip(batch, decoded, strict=True):
@@ -534,149 +496,3 @@ def rank_clips(query: Embeddings, keys: Embeddings, *, direction: str = "a2v", r
     scores = candidates @ queries[row]
     order = np.argsort(-scores, kind="stable")
     return [(keys.clip_ids[i], float(scores[i])) for i in order]
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def _model_arguments(p: argparse.ArgumentParser) -> None:
-    model = p.add_argument_group("model")
-    # --checkpoint: the name before the command tree shared --pretrained (kept for scripts, hidden).
-    name = model.add_mutually_exclusive_group(required=True)
-    add_pretrained(name, "model.pt of the pre-train stage (or a release file with --release)", required=False)
-    name.add_argument("--checkpoint", dest="pretrained", help=argparse.SUPPRESS)
-    model.add_argument("--release", action="store_true", help="the file is the authors' release (converted on load)")
-    model.add_argument("--mean", type=float, help="fbank normalisation mean (default: the checkpoint's)")
-    model.add_argument("--std", type=float, help="fbank normalisation std (default: the checkpoint's)")
-    add_device(model)
-    embedding = p.add_argument_group("embedding")
-    embedding.add_argument("--seed", type=int, default=0, help="seed of the centroid parameter vectors")
-    embedding.add_argument("--samples", type=int, default=16, help="parameter vectors per centroid (S)")
-    embedding.add_argument("--batch-size", type=int, default=16, help="clips embedded per batch")
-    add_workers(embedding, 1, "files decoded concurrently")
-    embedding.add_argument("--offset", type=float, default=0.0, help="seconds skipped at the start of every file")
-    embedding.add_argument("--duration", type=float, help="seconds embedded per file (default: to the end)")
-
-
-def _load_from_args(args: argparse.Namespace) -> EmbeddingModel:
-    return load_embedding_model(
-        args.pretrained, release=args.release, mean=args.mean, std=args.std, device=resolve_device(args.device)
-    )
-
-
-def _embed_with_args(inputs: Sequence[str], model: EmbeddingModel, args: argparse.Namespace) -> Embeddings:
-    return embed_files(
-        inputs,
-        model,
-        seed=args.seed,
-        samples=args.samples,
-        batch_size=args.batch_size,
-        offset=args.offset,
-        duration=args.duration,
-        workers=args.workers,
-    )
-
-
-def add_embed_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``equiav embed``."""
-    p.add_argument("inputs", nargs="+", help="video files and/or folders (a folder: its video files)")
-    p.add_argument("--out", required=True, help="the output file (.npz)")
-    _model_arguments(p)
-
-
-def add_retrieve_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``equiav retrieve``."""
-    p.add_argument("--query", required=True, help="the query video file")
-    p.add_argument("--folder", required=True, help="the folder of candidate clips")
-    p.add_argument(
-        "--direction", choices=DIRECTIONS, default="a2v", help="a2v: query sound vs clips' pictures; v2a: the reverse"
-    )
-    p.add_argument("--top", type=int, default=10, help="clips to print (0: all)")
-    _model_arguments(p)
-
-
-def _fail(message: str, code: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
-
-
-def main_embed(argv: Sequence[str] | None = None) -> int:
-    """``equiav embed ARGV``."""
-    from equiav.cli import main as equiav_main
-
-    return equiav_main(["embed", *(sys.argv[1:] if argv is None else argv)])
-
-
-def run_embed(args: argparse.Namespace) -> int:
-    """``equiav embed INPUTS... --pretrained PATH [--release] --out FILE``.
-
-    Exit status: 0 when at least one clip was embedded (skipped files are listed on stderr and
-    in the file's ``failed_*`` arrays), 1 when none could be, 2 for a usage error."""
-    if not args.out.endswith(".npz"):
-        return _fail(f"--out must name a .npz file, got {args.out!r}")
-    try:
-        model = _load_from_args(args)
-        embeddings = _embed_with_args(args.inputs, model, args)
-    except (FileNotFoundError, ValueError) as err:
-        return _fail(str(err))
-    out = save_embeddings(embeddings, args.out)
-    n, d, e = len(embeddings), model.config.embed_dim, model.config.embed_out
-    print(f"embedded {n} clip(s) with {model.checkpoint}: inter [{n}, {e}], pooled [{n}, {d}] per modality -> {out}")
-    for path, status, _ in embeddings.failures:
-        print(f"skipped {path}: {status}")
-    if n == 0:
-        return _fail("no clip could be embedded (see the messages above)", 1)
-    return 0
-
-
-def main_retrieve(argv: Sequence[str] | None = None) -> int:
-    """``equiav retrieve ARGV``."""
-    from equiav.cli import main as equiav_main
-
-    return equiav_main(["retrieve", *(sys.argv[1:] if argv is None else argv)])
-
-
-def run_retrieve(args: argparse.Namespace) -> int:
-    """``equiav retrieve --query CLIP --folder DIR --pretrained PATH [--direction a2v|v2a]
-    [--top K]``: prints rank, cosine similarity and clip id, most similar first."""
-    if args.top < 0:
-        return _fail(f"--top must be >= 0 (0: every clip), got {args.top}")
-    if not Path(args.query).is_file():
-        return _fail(f"query {args.query!r} is not a file")
-    try:
-        model = _load_from_args(args)
-        query = _embed_with_args([args.query], model, args)
-        if not len(query):
-            _, status, message = query.failures[0]
-            return _fail(f"the query cannot be embedded ({status}): {message}", 1)
-        keys = _embed_with_args([args.folder], model, args)
-    except (FileNotFoundError, ValueError) as err:
-        return _fail(str(err))
-    if not len(keys):
-        return _fail(f"no clip of {args.folder} could be embedded (see the messages above)", 1)
-    ranking = rank_clips(query, keys, direction=args.direction)
-    shown = ranking[: args.top] if args.top else ranking
-    query_side, key_side = ("audio", "picture") if args.direction == "a2v" else ("picture", "audio")
-    print(f"{query_side} of {query.clip_ids[0]} vs the {key_side} of {len(keys)} clip(s) in {args.folder}:")
-    print(f"{'rank':>4}  {'similarity':>10}  clip")
-    for rank, (clip_id, score) in enumerate(shown, start=1):
-        print(f"{rank:>4}  {score:>10.4f}  {clip_id}")
-    for path, status, _ in keys.failures:
-        print(f"skipped {path}: {status}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m equiav.embed {embed,retrieve} ...``: the same as ``equiav embed|retrieve ...``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("embed", "retrieve"):
-        return _fail("usage: python -m equiav.embed {embed,retrieve} ... (--help after the command for its options)")
-    from equiav.cli import main as equiav_main
-
-    return equiav_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

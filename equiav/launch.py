@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from equiav.options import verbosity_flags
 
-__all__ = ["RENDEZVOUS_PORTS", "add_arguments", "launch_command", "main", "rendezvous_port", "run", "slurm_hostnames"]
+__all__ = ["RENDEZVOUS_PORTS", "add_arguments", "launch_command", "rendezvous_port", "run", "slurm_hostnames"]
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +121,3 @@ def run(args: argparse.Namespace) -> int:
     sys.stderr.flush()
     os.execvp(argv_out[0], argv_out)
     return 0  # not reached
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``equiav launch ARGV`` (the command tree is equiav.cli's)."""
-    from equiav.cli import main as equiav_main
-
-    return equiav_main(["launch", *(sys.argv[1:] if argv is None else argv)])

@@ -81,7 +81,7 @@ def test_the_release_switches_are_pretraining_settings(tmp_path):
     keys, accepted by validate-config and turned into the AudioAugmentConfig that training builds;
     a misspelt one stops the workflow, named."""
     from equiav.config import load_config
-    from equiav.train.pretrain import PretrainSettings
+    from equiav.settings.pretrain import PretrainSettings
 
     switches = {name: True for name in RELEASE_SWITCHES}
     given = tmp_path / "release.yaml"

@@ -17,23 +17,22 @@ import pytest
 import torch
 from conftest import make_clip
 
+from equiav.cli import main as equiav_main
 from equiav.data.demo import DemoSettings, generate_demo, make_demo_clip
 from equiav.data.features import FeatureSettings, extract_shard
 from equiav.data.store import compute_norm_stats
 from equiav.embed import (
     AUDIOSET_MEAN,
     AUDIOSET_STD,
+    EmbedOptions,
     embed_files,
     load_embedding_model,
     load_embeddings,
-    main_embed,
-    main_retrieve,
     rank_clips,
     save_embeddings,
 )
 from equiav.model import EquiAV, ModelConfig, to_release_state_dict
 from equiav.train.checkpoint import export_weights
-from equiav.train.pretrain import main as pretrain_main
 
 # Tiny sizes: 128 mel bins (the release's 8 patch rows) x 64 frames (0.64 s of audio), 32 px pictures.
 TINY = ModelConfig.tiny(audio_frames=64, image_size=32)
@@ -61,7 +60,7 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_embeds_good_clips_and_reports_the_others(tiny_checkpoint: Path, clips: dict[str, Path]) -> None:
-    emb = embed_files([clips["low"].parent], tiny_checkpoint, samples=4)
+    emb = embed_files([clips["low"].parent], tiny_checkpoint, EmbedOptions(samples=4))
     assert emb.clip_ids == ["high", "low"]  # a folder's videos, sorted by name
     assert emb.audio_inter.shape == emb.visual_inter.shape == (2, TINY.embed_out)
     assert emb.audio_pooled.shape == emb.visual_pooled.shape == (2, TINY.embed_dim)
@@ -74,17 +73,17 @@ def test_embeds_good_clips_and_reports_the_others(tiny_checkpoint: Path, clips: 
 
 
 def test_a_clip_embeds_the_same_alone_or_among_others(tiny_checkpoint: Path, clips: dict[str, Path]) -> None:
-    together = embed_files([clips["high"], clips["low"]], tiny_checkpoint, samples=4, batch_size=1)
-    alone = embed_files([clips["low"]], tiny_checkpoint, samples=4)
+    together = embed_files([clips["high"], clips["low"]], tiny_checkpoint, EmbedOptions(samples=4, batch_size=1))
+    alone = embed_files([clips["low"]], tiny_checkpoint, EmbedOptions(samples=4))
     for name in ("audio_inter", "visual_inter", "audio_pooled", "visual_pooled"):
         np.testing.assert_allclose(getattr(together, name)[1], getattr(alone, name)[0], rtol=1e-5, atol=1e-6)
-    other_seed = embed_files([clips["low"]], tiny_checkpoint, samples=4, seed=1)
+    other_seed = embed_files([clips["low"]], tiny_checkpoint, EmbedOptions(samples=4, seed=1))
     assert not np.allclose(other_seed.audio_inter, alone.audio_inter)  # the centroid vectors differ
     np.testing.assert_allclose(other_seed.audio_pooled, alone.audio_pooled, rtol=1e-5, atol=1e-6)
 
 
 def test_save_and_load_round_trip(tiny_checkpoint: Path, clips: dict[str, Path], tmp_path: Path) -> None:
-    emb = embed_files([clips["low"].parent], tiny_checkpoint, samples=2)
+    emb = embed_files([clips["low"].parent], tiny_checkpoint, EmbedOptions(samples=2))
     back = load_embeddings(save_embeddings(emb, tmp_path / "e.npz"))
     assert back.clip_ids == emb.clip_ids and back.paths == emb.paths and back.failures == emb.failures
     np.testing.assert_array_equal(back.visual_inter, emb.visual_inter)
@@ -106,8 +105,8 @@ def test_release_checkpoint_falls_back_to_audioset_stats(
     assert (converted.mean, converted.std) == (AUDIOSET_MEAN, AUDIOSET_STD)
     assert "AudioSet" in caplog.text
     same = load_embedding_model(tiny_checkpoint, mean=AUDIOSET_MEAN, std=AUDIOSET_STD)
-    a = embed_files([clips["low"]], converted, samples=2)
-    b = embed_files([clips["low"]], same, samples=2)
+    a = embed_files([clips["low"]], converted, EmbedOptions(samples=2))
+    b = embed_files([clips["low"]], same, EmbedOptions(samples=2))
     np.testing.assert_allclose(a.audio_inter, b.audio_inter, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(a.visual_inter, b.visual_inter, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="drop --release"):
@@ -130,24 +129,31 @@ def test_main_embed_writes_the_file_and_exit_codes(
     tiny_checkpoint: Path, clips: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "emb.npz"
-    assert main_embed([str(clips["low"].parent), "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
+    assert (
+        equiav_main(["embed", str(clips["low"].parent), "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
+    )
     printed = capsys.readouterr().out
     assert "embedded 2 clip(s)" in printed and "skipped" in printed and "no-audio" in printed
     saved = load_embeddings(out)
     assert saved.clip_ids == ["high", "low"] and sorted(s for _, s, _ in saved.failures) == ["no-audio", "no-video"]
 
     nothing = tmp_path / "nothing.npz"
-    code = main_embed([str(clips["silent"]), "--checkpoint", str(tiny_checkpoint), "--out", str(nothing)])
+    code = equiav_main(["embed", str(clips["silent"]), "--checkpoint", str(tiny_checkpoint), "--out", str(nothing)])
     assert code == 1 and "no clip could be embedded" in capsys.readouterr().err
     assert load_embeddings(nothing).failures[0][1] == "no-audio"  # the failures are still written
-    assert main_embed([str(clips["low"]), "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "x.csv")]) == 2
+    assert (
+        equiav_main(
+            ["embed", str(clips["low"]), "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "x.csv")]
+        )
+        == 2
+    )
 
 
 def test_main_retrieve_prints_a_ranking(
     tiny_checkpoint: Path, clips: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--query", str(clips["low"]), "--folder", str(clips["low"].parent), "--checkpoint", str(tiny_checkpoint)]
-    assert main_retrieve([*argv, "--direction", "v2a", "--top", "1", "--samples", "2"]) == 0
+    assert equiav_main(["retrieve", *argv, "--direction", "v2a", "--top", "1", "--samples", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("picture of low vs the audio of 2 clip(s)")
     assert lines[1].split() == ["rank", "similarity", "clip"]
@@ -155,7 +161,7 @@ def test_main_retrieve_prints_a_ranking(
     assert rank == "1" and clip_id in {"low", "high"} and -1.0 <= float(score) <= 1.0
     assert len([line for line in lines if line.startswith("skipped")]) == 2
     silent = ["--query", str(clips["silent"]), *argv[2:]]
-    assert main_retrieve(silent) == 1
+    assert equiav_main(["retrieve", *silent]) == 1
     assert "no audio stream" in capsys.readouterr().err
 
 
@@ -209,7 +215,7 @@ def demo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--out", str(out),
         "--work-dir", str(root / "work"),
     ]  # fmt: skip
-    assert pretrain_main(argv) == 0
+    assert equiav_main(["pretrain", *argv]) == 0
     return out
 
 
@@ -222,7 +228,7 @@ def test_embed_pairs_sound_and_picture_after_demo_training(demo_checkpoint: Path
     make_demo_clip(folder / "clip-a.mp4", 0, 0.37, DEMO)
     make_demo_clip(folder / "clip-b.mp4", 1, 0.81, DEMO)
     out = tmp_path / "fresh.npz"
-    assert main_embed([str(folder), "--checkpoint", str(demo_checkpoint), "--out", str(out)]) == 0
+    assert equiav_main(["embed", str(folder), "--checkpoint", str(demo_checkpoint), "--out", str(out)]) == 0
     emb = load_embeddings(out)
     assert emb.clip_ids == ["clip-a", "clip-b"] and not emb.failures
     similarity = emb.similarity("a2v")

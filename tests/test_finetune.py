@@ -22,14 +22,18 @@ import torchvision.io
 from torch.utils.data import DataLoader, DistributedSampler
 
 from equiav.augment import IMAGENET_MEAN, IMAGENET_STD
+from equiav.cli import main as equiav_main
 from equiav.data.features import FeatureSettings
+from equiav.data.inputs import DatasetInputs, fit_config_to_data
 from equiav.data.store import ShardWriter
-from equiav.eval.metrics import mean_average_precision, top1_accuracy
+from equiav.metrics import mean_average_precision, top1_accuracy
 from equiav.model import EquiAV, EquiAVClassifier, ModelConfig
+from equiav.settings.finetune import FinetuneSettings
+from equiav.train import classify, finetune_augment
 from equiav.train import finetune as ft
-from equiav.train.checkpoint import export_weights, load_weights
+from equiav.train.checkpoint import export_weights, load_export
 from equiav.train.common import WarmupCosine
-from equiav.train.finetune import FinetuneSettings, TrainAugment
+from equiav.train.finetune_augment import TrainAugment
 from equiav.train.sampling import DistributedWeightedSampler, class_balanced_weights
 
 FEATURES = FeatureSettings(num_mel_bins=32, target_frames=64, num_frames=3, frame_size=32)
@@ -132,8 +136,9 @@ def run_main(
     data: EvalData, tmp_path: Path, settings: dict[str, Any], *extra: str
 ) -> tuple[int, dict[str, Any] | None]:
     out = tmp_path / "metrics.json"
-    code = ft.main(
+    code = equiav_main(
         [
+            "finetune",
             *data.args("--settings", json.dumps(settings), "--out", str(out), "--work-dir", str(tmp_path / "work")),
             *extra,
         ]
@@ -318,17 +323,17 @@ def test_a_changed_run_refuses_the_old_work_dir(
     monkeypatch.setattr(ft, "any_rank", lambda value, group=None: 1)  # stop after the first step
     assert run_main(data, tmp_path, settings)[0] == ft.EXIT_INTERRUPTED
     monkeypatch.undo()
-    with pytest.raises(RuntimeError, match="lr: saved"):
+    with pytest.raises(RuntimeError, match=r"lr: 0\.001 in the checkpoint, 0\.005 now"):
         run_main(data, tmp_path, {**settings, "lr": 5e-3})
 
 
 def test_main_refuses_a_visual_run_on_audio_only_features(data: EvalData, tmp_path: Path) -> None:
     config = ModelConfig.tiny(audio_frames=64, audio_freq_bins=32, image_size=32)
     with pytest.raises(ValueError, match="no video frames"):
-        ft.fit_config_to_data(config, {"num_mel_bins": 32, "target_frames": 64, "num_frames": 0, "frame_size": 32},
+        fit_config_to_data(config, {"num_mel_bins": 32, "target_frames": 64, "num_frames": 0, "frame_size": 32},
                               audio=False, visual=True)  # fmt: skip
     # A shorter audio input keeps the pre-trained tower (fixed sin-cos positions): 512-frame ESC-50 on a 1024 model.
-    fitted = ft.fit_config_to_data(ModelConfig.tiny(audio_frames=1024), {"num_mel_bins": 128, "target_frames": 512,
+    fitted = fit_config_to_data(ModelConfig.tiny(audio_frames=1024), {"num_mel_bins": 128, "target_frames": 512,
                                    "num_frames": 0, "frame_size": 224}, audio=True, visual=False)  # fmt: skip
     assert fitted.audio_frames == 512
 
@@ -337,7 +342,7 @@ def test_main_refuses_a_visual_run_on_audio_only_features(data: EvalData, tmp_pa
 
 
 def test_head_learning_rate_multiplier_applies(data: EvalData) -> None:
-    weights = load_weights(data.pretrained)
+    weights = load_export(data.pretrained)
     config = ModelConfig.from_dict(weights["model_config"])
     settings = FinetuneSettings(modality="audio", head_lr_multiplier=20.0, lr=1e-3, weight_decay=0.0)
     model = EquiAVClassifier.from_pretrained(weights["model"], 3, "audio", config=config, drop_path=0.0)
@@ -379,7 +384,7 @@ def test_mixup_mixes_labels_with_the_same_lambda_as_inputs() -> None:
     mixed = lam < 1
     assert mixed.sum() >= batch // 2  # a random permutation leaves few fixed points
     assert torch.all((lam[mixed] > 0.05) & (lam[mixed] < 0.95))  # Beta(10, 10) stays near 0.5
-    draw = ft.draw_mixup(10_000, 0.5, np.random.default_rng(1))
+    draw = finetune_augment.draw_mixup(10_000, 0.5, np.random.default_rng(1))
     assert (draw.lam < 1).float().mean().item() == pytest.approx(0.5, abs=0.03)
     assert draw.lam[draw.lam < 1].mean().item() == pytest.approx(0.5, abs=0.01)
     unchanged = TrainAugment(mixup=0.0, specaugment=False, freq_mask=48, time_mask=192, time_shift=False)
@@ -388,7 +393,7 @@ def test_mixup_mixes_labels_with_the_same_lambda_as_inputs() -> None:
 
 def test_spec_augment_masks_one_band_per_axis() -> None:
     fbank = torch.randn(64, 100, 40) + 10.0  # never 0 unless masked
-    out = ft.spec_augment(fbank, freq_mask=12, time_mask=30, rng=np.random.default_rng(0))
+    out = finetune_augment.spec_augment(fbank, freq_mask=12, time_mask=30, rng=np.random.default_rng(0))
     zero = out == 0
     time_band = zero.all(dim=2)  # [B, T] frames masked across every bin
     freq_band = zero.all(dim=1)  # [B, F]
@@ -401,7 +406,7 @@ def test_spec_augment_masks_one_band_per_axis() -> None:
 
 def test_time_shift_rolls_each_clip() -> None:
     fbank = torch.arange(10.0)[None, :, None].repeat(4, 1, 3)
-    out = ft.time_shift(fbank, np.random.default_rng(0))
+    out = finetune_augment.time_shift(fbank, np.random.default_rng(0))
     for clip in range(4):
         shift = int(out[clip, 0, 0])  # out[t] = in[(t - s) mod T] and in[t] = t
         assert torch.equal(out[clip, :, 0], torch.roll(fbank[clip, :, 0], -shift))
@@ -491,7 +496,7 @@ def test_spc_v1_is_scored_by_accuracy_although_it_trains_multilabel(
     # Fixed evaluation scores, recognised by each clip's first fbank row: clip k predicts one of
     # its labels unless k % 4 == 3 (top-1 accuracy 10/13), at a clip-specific offset that scrambles
     # the order within each class (mAP about 0.58), so the two metrics cannot be confused.
-    inputs = ft.DatasetInputs.load(data.usable, data.classes, data.norm)
+    inputs = DatasetInputs.load(data.usable, data.classes, data.norm)
     test_set = inputs.dataset(["test"], frame="middle")
     designed: dict[tuple[float, ...], torch.Tensor] = {}
     for item in test_set:
@@ -582,11 +587,9 @@ def _eval_on_ranks(rank: int, root: str, world: int) -> None:
         )
     try:
         data_root = Path(root)
-        inputs = ft.DatasetInputs.load(
-            data_root / "usable.csv", data_root / "classes.csv", data_root / "norm_stats.json"
-        )
+        inputs = DatasetInputs.load(data_root / "usable.csv", data_root / "classes.csv", data_root / "norm_stats.json")
         dataset = inputs.dataset(["test"], frame="middle")
-        weights = load_weights(data_root / "model.pt")
+        weights = load_export(data_root / "model.pt")
         torch.manual_seed(0)  # the same head on every rank
         model = EquiAVClassifier.from_pretrained(
             weights["model"], 3, "audiovisual", config=ModelConfig.from_dict(weights["model_config"])
@@ -594,7 +597,7 @@ def _eval_on_ranks(rank: int, root: str, world: int) -> None:
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         loader = DataLoader(dataset, batch_size=4, sampler=sampler)
         results = {
-            metric: ft.evaluate(
+            metric: classify.evaluate(
                 model, loader, task="multilabel", metric=metric, precision="fp32", device=torch.device("cpu")
             )
             for metric in ("map", "accuracy")
@@ -630,8 +633,8 @@ def test_evaluation_gathers_the_whole_set_from_two_processes(data: EvalData) -> 
 
 def test_gather_refuses_a_missing_clip() -> None:
     with pytest.raises(RuntimeError, match="expected 4"):
-        ft._gather_whole_set(torch.zeros(3, 2), torch.zeros(3, 2), torch.tensor([0, 1, 1]), expected=4)
-    scores, _ = ft._gather_whole_set(
+        classify.gather_whole_set(torch.zeros(3, 2), torch.zeros(3, 2), torch.tensor([0, 1, 1]), expected=4)
+    scores, _ = classify.gather_whole_set(
         torch.arange(4.0)[:, None], torch.zeros(4, 1), torch.tensor([2, 0, 1, 0]), expected=3
     )
     assert scores.squeeze(1).tolist() == [1.0, 2.0, 0.0]  # sorted by index, the duplicate dropped

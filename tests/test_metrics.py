@@ -1,4 +1,4 @@
-"""Evaluation metrics against scikit-learn and naive Python loops (equiav/eval/metrics.py)."""
+"""Evaluation metrics against scikit-learn and naive Python loops (equiav/metrics.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from equiav.eval.metrics import (
+from equiav.metrics import (
     chunked_similarity_ranks,
     mean_average_precision,
     rank_metrics,

@@ -20,7 +20,7 @@ from equiav.model import (
     count_parameters,
     load_mae_weights,
 )
-from equiav.model.config import INTER_SOURCES, INTRA_MODES, PREDICTORS
+from equiav.settings.model import INTER_SOURCES, INTRA_MODES, PREDICTORS
 
 B = 2
 S = 16

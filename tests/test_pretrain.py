@@ -26,21 +26,20 @@ import torchvision.io
 from conftest import RELEASE_SWITCHES
 
 from equiav.augment import AudioAugmentConfig
+from equiav.cli import main as equiav_main
 from equiav.data.features import FeatureSettings
 from equiav.data.store import FeatureDataset, ShardWriter
 from equiav.losses import EquiAVLoss
 from equiav.model import EquiAV, ModelConfig
-from equiav.train.checkpoint import Checkpointer, load_weights
+from equiav.settings.pretrain import AUDIO_AUGMENT_SWITCHES, PretrainSettings
+from equiav.train.checkpoint import Checkpointer, load_export
 from equiav.train.common import DistInfo
 from equiav.train.data import DeviceAugmenter, GlobalBatchSampler, PretrainDataset
 from equiav.train.pretrain import (
-    AUDIO_AUGMENT_SWITCHES,
     METRICS,
     Pretrainer,
-    PretrainSettings,
     _phase,
     _PhaseObjective,
-    main,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,7 +116,7 @@ def _computed(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 def reference(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted single-process run: 12 of the schedule's 30 steps (10 epochs)."""
     run = tmp_path_factory.mktemp("reference")
-    assert main(_argv(data, run, BASE, max_steps=12)) == 0
+    assert equiav_main(["pretrain", *_argv(data, run, BASE, max_steps=12)]) == 0
     return run
 
 
@@ -125,7 +124,7 @@ def reference(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
 def first_steps(data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reference settings stopped by --max-steps 4 (mid-epoch: 3 steps per epoch)."""
     run = tmp_path_factory.mktemp("first_steps")
-    assert main(_argv(data, run, BASE, max_steps=4)) == 0
+    assert equiav_main(["pretrain", *_argv(data, run, BASE, max_steps=4)]) == 0
     return run
 
 
@@ -139,7 +138,7 @@ def _start(
     run.mkdir(parents=True, exist_ok=True)
     with (run / "output.txt").open("w") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
-            [sys.executable, "-m", "equiav.train.pretrain", *_argv(data, run, settings, max_steps)],
+            [sys.executable, "-m", "equiav", "pretrain", *_argv(data, run, settings, max_steps)],
             cwd=REPO, env=_python_env(), stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
 
@@ -159,7 +158,7 @@ def _wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 
 
 
 def test_smoke_run_writes_weights_and_metrics(reference: Path):
-    weights = load_weights(reference / "out" / "model.pt")
+    weights = load_export(reference / "out" / "model.pt")
     assert weights["steps"] == 12 and weights["total_steps"] == 30
     assert weights["norm_stats"]["mean"] == -5.0
     assert PretrainSettings.from_dict(weights["settings"]) == PretrainSettings.from_dict(BASE)
@@ -187,12 +186,12 @@ def test_smoke_run_writes_weights_and_metrics(reference: Path):
 
 def test_resume_mid_epoch_equals_the_uninterrupted_run(data: dict[str, Path], reference: Path, tmp_path: Path):
     run = tmp_path / "resumed"
-    assert main(_argv(data, run, BASE, max_steps=4)) == 0  # stops mid-epoch with a checkpoint
-    assert main(_argv(data, run, {**BASE, "num_workers": 1}, max_steps=12)) == 0  # may change
+    assert equiav_main(["pretrain", *_argv(data, run, BASE, max_steps=4)]) == 0  # stops mid-epoch with a checkpoint
+    assert equiav_main(["pretrain", *_argv(data, run, {**BASE, "num_workers": 1}, max_steps=12)]) == 0  # may change
     assert _computed(_metrics(run)) == _computed(_metrics(reference))
     ours, theirs = (
-        load_weights(run / "out" / "model.pt")["model"],
-        load_weights(reference / "out" / "model.pt")["model"],
+        load_export(run / "out" / "model.pt")["model"],
+        load_export(reference / "out" / "model.pt")["model"],
     )
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
@@ -208,12 +207,12 @@ def test_sigkill_then_restart_resumes_exactly(data: dict[str, Path], reference: 
     killed_at = checkpoints.load(checkpoints.latest())["step"]
     assert killed_at < 12
 
-    assert main(_argv(data, run, BASE, max_steps=12)) == 0
+    assert equiav_main(["pretrain", *_argv(data, run, BASE, max_steps=12)]) == 0
     assert json.loads((run / "work" / "config.json").read_text())["resumed_from"]
     assert _computed(_metrics(run)) == _computed(_metrics(reference))  # no duplicate or missing step
     ours, theirs = (
-        load_weights(run / "out" / "model.pt")["model"],
-        load_weights(reference / "out" / "model.pt")["model"],
+        load_export(run / "out" / "model.pt")["model"],
+        load_export(reference / "out" / "model.pt")["model"],
     )
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
@@ -233,7 +232,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_without_output(data: dict[str, Pat
     assert state["step"] == logged[-1] + 1 < 12  # saved at the end of the last finished step
 
     # Resuming with the reference's checkpoint_every (allowed to change) ends where it does.
-    assert main(_argv(data, run, BASE, max_steps=12)) == 0
+    assert equiav_main(["pretrain", *_argv(data, run, BASE, max_steps=12)]) == 0
     assert _computed(_metrics(run)) == _computed(_metrics(reference))
 
 
@@ -242,7 +241,7 @@ def test_two_gloo_processes_equal_one_process(data: dict[str, Path], first_steps
     env = {**_python_env(), "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "equiav.train.pretrain", *_argv(data, run, BASE, max_steps=4),
+        "-m", "equiav", "pretrain", *_argv(data, run, BASE, max_steps=4),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -253,8 +252,8 @@ def test_two_gloo_processes_equal_one_process(data: dict[str, Path], first_steps
         for key in ("loss", "inter", "intra_audio", "intra_visual", "acc_inter", "grad_norm", "lr"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), (a["step"], key)
     ours, theirs = (
-        load_weights(run / "out" / "model.pt")["model"],
-        load_weights(first_steps / "out" / "model.pt")["model"],
+        load_export(run / "out" / "model.pt")["model"],
+        load_export(first_steps / "out" / "model.pt")["model"],
     )
     for key in theirs:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5, msg=key)
@@ -263,9 +262,9 @@ def test_two_gloo_processes_equal_one_process(data: dict[str, Path], first_steps
 
 def test_resume_refuses_changed_settings(data: dict[str, Path], first_steps: Path, tmp_path: Path):
     run = tmp_path / "changed"
-    assert main(_argv(data, run, BASE, max_steps=2)) == 0
+    assert equiav_main(["pretrain", *_argv(data, run, BASE, max_steps=2)]) == 0
     with pytest.raises(RuntimeError, match=r"settings\.lr: 0\.0001 in the checkpoint, 0\.0002 now"):
-        main(_argv(data, run, {**BASE, "lr": 2e-4}, max_steps=4))
+        equiav_main(["pretrain", *_argv(data, run, {**BASE, "lr": 2e-4}, max_steps=4)])
 
 
 # --------------------------------------------------------------------------- settings

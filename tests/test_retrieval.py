@@ -11,10 +11,11 @@ import pytest
 import torch
 from test_finetune import CLASSES, EvalData, build_eval_data
 
+from equiav.cli import main as equiav_main
+from equiav.data.inputs import DatasetInputs
 from equiav.eval import retrieval as rt
 from equiav.model import EquiAV, ModelConfig
-from equiav.train.checkpoint import load_weights
-from equiav.train.finetune import DatasetInputs
+from equiav.train.checkpoint import load_export
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,9 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> EvalData:
 
 def run_main(data: EvalData, out_dir: Path, *extra: str) -> tuple[dict[str, Any], list[str]]:
     out, ids_out = out_dir / "metrics.json", out_dir / "ids.txt"
-    code = rt.main([*data.args("--out", str(out), "--ids-out", str(ids_out), "--device", "cpu"), *extra])
+    code = equiav_main(
+        ["retrieval", *data.args("--out", str(out), "--ids-out", str(ids_out), "--device", "cpu"), *extra]
+    )
     assert code == 0
     return json.loads(out.read_text()), ids_out.read_text().split()
 
@@ -149,7 +152,7 @@ def test_a_user_id_list_is_respected(data: EvalData, tmp_path: Path) -> None:
 
 def test_main_needs_a_split_or_ids(data: EvalData, tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--split"):
-        rt.main(data.args("--out", str(tmp_path / "m.json"), "--ids-out", str(tmp_path / "i.txt")))
+        equiav_main(["retrieval", *data.args("--out", str(tmp_path / "m.json"), "--ids-out", str(tmp_path / "i.txt"))])
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -167,7 +170,7 @@ def test_centroid_vectors_are_per_clip_and_seeded() -> None:
 def test_embeddings_use_the_centroid_of_the_given_vectors(data: EvalData) -> None:
     inputs = DatasetInputs.load(data.usable, data.classes, data.norm)
     dataset = inputs.dataset(["test"], frame="middle")
-    weights = load_weights(data.pretrained)
+    weights = load_export(data.pretrained)
     model = EquiAV(ModelConfig.from_dict(weights["model_config"]))
     model.load_state_dict(weights["model"])
     loader = torch.utils.data.DataLoader(dataset, batch_size=5)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from equiav.cli import main as equiav_main
 from equiav.eval import paper_numbers, tables
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ def test_table1_values_differences_percent_and_clips(tmp_path):
     finetune_metrics(results, "vggsound_audiovisual", 0.70, metric="accuracy")
     availability(results, "audioset")
     out = tmp_path / "tables"
-    assert tables.main(["--results", str(results), "--out-dir", str(out)]) == 0
+    assert equiav_main(["tables", "--results", str(results), "--out-dir", str(out)]) == 0
 
     frame = pd.read_csv(out / "table1.csv")
     a = cell(frame, "EquiAV", "AudioSet-20K A")
@@ -88,7 +89,7 @@ def test_retrieval_table_and_skipped_tables(tmp_path):
     results = tmp_path / "results"
     retrieval_metrics(results, "audioset", 0.31)
     out = tmp_path / "tables"
-    assert tables.main(["--metrics", str(results / "retrieval/audioset/metrics.json"),
+    assert equiav_main(["tables", "--metrics", str(results / "retrieval/audioset/metrics.json"),
                         "--availability", "--out-dir", str(out)]) == 0  # fmt: skip
     frame = pd.read_csv(out / "table3.csv")
     assert cell(frame, "AudioSet / EquiAV", "V2A R@1")["ours"] == pytest.approx(31.0)
@@ -109,7 +110,7 @@ def test_retrieval_table_and_skipped_tables(tmp_path):
 
     # a later call without the run empties the cells it no longer fills
     finetune_metrics(results, "esc50_audio", 0.9, metric="accuracy")
-    assert tables.main(["--results", str(results), "--metrics", str(results / "finetune/esc50_audio/metrics.json"),
+    assert equiav_main(["tables", "--results", str(results), "--metrics", str(results / "finetune/esc50_audio/metrics.json"),
                         "--out-dir", str(out)]) == 0  # fmt: skip
     assert pd.read_csv(out / "table3.csv")["ours"].isna().all()
     assert cell(pd.read_csv(out / "table2.csv"), "EquiAV", "ESC-50")["difference"] == pytest.approx(90.0 - 96.0)
@@ -120,7 +121,7 @@ def test_demo_table_has_an_empty_paper_column(tmp_path):
     finetune_metrics(results, "demo_audio", 0.75, metric="accuracy")
     retrieval_metrics(results, "demo", 0.25)
     out = tmp_path / "tables"
-    assert tables.main(["--results", str(results), "--out-dir", str(out)]) == 0
+    assert equiav_main(["tables", "--results", str(results), "--out-dir", str(out)]) == 0
     frame = pd.read_csv(out / "demo.csv")
     assert frame["paper"].isna().all()
     assert cell(frame, "EquiAV (tiny, demo)", "A accuracy")["ours"] == pytest.approx(75.0)
@@ -130,7 +131,7 @@ def test_demo_table_has_an_empty_paper_column(tmp_path):
 def test_errors_name_the_problem(tmp_path, capsys):
     results = tmp_path / "results"
     finetune_metrics(results, "audioset_20k_audio", 0.4, metric="accuracy")  # the cell is mAP
-    assert tables.main(["--results", str(results), "--out-dir", str(tmp_path / "t")]) == 2
+    assert equiav_main(["tables", "--results", str(results), "--out-dir", str(tmp_path / "t")]) == 2
     assert "audioset_20k_audio" in capsys.readouterr().err
     bad = tmp_path / "bad" / "x" / "metrics.json"
     bad.parent.mkdir(parents=True)
@@ -208,7 +209,7 @@ def test_a_data_only_run_writes_the_tables_with_its_clips(tmp_path):
     availability(results, "mine")  # a user's data set, which no table reads
     out = tmp_path / "tables"
     files = [str(results / name / "availability.csv") for name in ("audioset", "mine")]
-    assert tables.main(["--metrics", "--availability", *files, "--out-dir", str(out)]) == 0
+    assert equiav_main(["tables", "--metrics", "--availability", *files, "--out-dir", str(out)]) == 0
     index = (out / "tables.md").read_text()
     assert "| audioset | balanced_train | 100 | 90 | 90.0 |" in index and "| mine | eval | 50 | 45 | 90.0 |" in index
     cells = pd.read_csv(out / "table1.csv")

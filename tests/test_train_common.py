@@ -26,11 +26,10 @@ from equiav.train.checkpoint import (
     capture_rng_state,
     code_revision,
     export_weights,
-    load_weights,
+    load_export,
     restore_rng_state,
 )
 from equiav.train.common import (
-    MetricLogger,
     StopSignal,
     WarmupCosine,
     autocast,
@@ -43,6 +42,7 @@ from equiav.train.common import (
     seed_everything,
     unwrap_model,
 )
+from equiav.train.metric_log import MetricLogger
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -327,7 +327,7 @@ def test_export_weights_unwraps_and_loads(tmp_path):
     compiled = torch.compile(model)  # lazy: nothing is compiled until called
     assert unwrap_model(compiled) is model
     export_weights(compiled, tmp_path / "w.pt", config=config.to_dict(), extra={"steps": 3})
-    saved = load_weights(tmp_path / "w.pt")
+    saved = load_export(tmp_path / "w.pt")
     assert saved["steps"] == 3 and saved["model_config"] == config.to_dict()
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in saved["model"])
     rebuilt = EquiAV(ModelConfig.from_dict(saved["model_config"]))

@@ -10,7 +10,6 @@ into both so neither task is trivial.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from equiav.atomic import atomic_output
 from equiav.data.media import ffmpeg_exe
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,8 @@ def generate_demo(out_dir: str | Path, settings: DemoSettings) -> pd.DataFrame:
     for clip_id, cls, signature, split, with_audio in rows:
         path = media / f"{clip_id}.mp4"
         if with_audio is not None and not path.exists():
-            tmp = path.with_name(f".{path.stem}.tmp.mp4")
-            make_demo_clip(tmp, cls, signature, settings, with_audio=with_audio)
-            os.replace(tmp, path)
+            with atomic_output(path) as tmp:
+                make_demo_clip(tmp, cls, signature, settings, with_audio=with_audio)
         records.append(
             {
                 "clip_id": clip_id,
@@ -121,7 +120,7 @@ def generate_demo(out_dir: str | Path, settings: DemoSettings) -> pd.DataFrame:
             }
         )
     table = pd.DataFrame.from_records(records)
-    table.to_csv(out_dir / "list.csv.tmp", index=False)
-    os.replace(out_dir / "list.csv.tmp", out_dir / "list.csv")  # the rule's output appears complete or not at all
+    with atomic_output(out_dir / "list.csv") as tmp:  # the rule's output appears complete or not at all
+        table.to_csv(tmp, index=False)
     log.info("demo: %d clips (%d classes) in %s", len(table), settings.classes, media)
     return table

@@ -32,6 +32,7 @@ from typing import Any
 
 import pandas as pd
 
+from equiav.atomic import atomic_output
 from equiav.data import status as st
 from equiav.data.lists import check_clip_id
 from equiav.data.media import MediaError, check_media, ffmpeg_bin_dir
@@ -461,10 +462,8 @@ def download_shard(
     clips["end"] = pd.to_numeric(clips["end"], errors="coerce")
     rows = ShardDownloader(media_dir, settings).run(clips)
     out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_csv.with_name(out_csv.name + ".tmp")
-    rows.to_csv(tmp, index=False)
-    os.replace(tmp, out_csv)
+    with atomic_output(out_csv) as tmp:
+        rows.to_csv(tmp, index=False)
     counts = rows["status"].value_counts().to_dict()
     log.info("shard done: %s", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return rows

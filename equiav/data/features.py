@@ -27,6 +27,7 @@ from torchaudio.compliance import kaldi
 from equiav.data.media import DecodedClip, MediaError, decode_clip
 from equiav.data.status import DECODE_ERROR, OK, SILENT, TOO_SHORT
 from equiav.data.store import ShardWriter
+from equiav.settings.features import FeatureSettings
 
 __all__ = ["SILENCE_PEAK", "FeatureSettings", "extract_shard", "fbank"]
 
@@ -41,19 +42,6 @@ _LOG_EVERY = 100
 # audio) is silent: its fbank would be constant at the log floor, nothing to learn from.
 # Quiet recordings (AudioSet's "Silence" class included) have room noise far above it.
 SILENCE_PEAK = 1e-4
-
-
-@dataclass(frozen=True)
-class FeatureSettings:
-    """What the features stage produces: fbank [target_frames, num_mel_bins] from audio at
-    sample_rate Hz, and num_frames JPEG frames of frame_size x frame_size pixels."""
-
-    sample_rate: int = 16000
-    num_mel_bins: int = 128
-    target_frames: int = 1024
-    num_frames: int = 10
-    frame_size: int = 224
-    jpeg_quality: int = 90
 
 
 def fbank(waveform: torch.Tensor | np.ndarray, settings: FeatureSettings) -> tuple[torch.Tensor, int]:

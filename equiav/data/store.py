@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h5py
 import numpy as np
@@ -21,8 +21,7 @@ import torch
 import torchvision.io
 from torch.utils.data import Dataset
 
-if TYPE_CHECKING:
-    from equiav.data.features import FeatureSettings
+from equiav.settings.features import FeatureSettings
 
 __all__ = ["FORMAT_VERSION", "FeatureDataset", "ShardWriter", "compute_norm_stats", "read_index"]
 

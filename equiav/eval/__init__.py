@@ -1,22 +1,5 @@
-"""Evaluation: metrics (mAP, top-1 accuracy, retrieval ranks) and zero-shot retrieval.
-
-Fine-tuning lives in :mod:`equiav.train.finetune`; see docs/evaluation.md for both stages.
+"""Evaluation: zero-shot retrieval (``retrieval``), the paper's tables (``tables``,
+``paper_numbers``), the run summary and the report's figures. Fine-tuning is a training stage
+(:mod:`equiav.train.finetune`); the metrics both use are :mod:`equiav.metrics`. See
+docs/evaluation.md. Kept light: the workflow imports ``tables`` at parse time, without torch.
 """
-
-from equiav.eval.metrics import (
-    chunked_similarity_ranks,
-    mean_average_precision,
-    rank_metrics,
-    retrieval_metrics,
-    similarity_ranks,
-    top1_accuracy,
-)
-
-__all__ = [
-    "chunked_similarity_ranks",
-    "mean_average_precision",
-    "rank_metrics",
-    "retrieval_metrics",
-    "similarity_ranks",
-    "top1_accuracy",
-]

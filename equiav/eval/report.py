@@ -20,7 +20,6 @@ import argparse
 import html
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,11 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from equiav.augment import IMAGENET_MEAN, IMAGENET_STD, VisualAugment, VisualAugmentConfig, normalize_image
+from equiav.data.inputs import DatasetInputs, fit_config_to_data
 from equiav.eval.retrieval import MATCH_COLUMNS, read_id_list
 from equiav.model import EquiAV, ModelConfig
 from equiav.options import HelpFormatter, add_dataset_inputs, add_device, add_pretrained, resolve_device
-from equiav.train.checkpoint import load_weights
-from equiav.train.finetune import DatasetInputs, fit_config_to_data
+from equiav.train.checkpoint import load_export
 
 __all__ = [
     "markdown_page",
@@ -51,7 +50,6 @@ __all__ = [
     "plot_retrieval_examples",
     "spread",
     "add_arguments",
-    "main",
     "run",
 ]
 
@@ -299,7 +297,7 @@ def plot_qualitative(
 ) -> None:
     """For each clip: original frame, the augmentation nearest the centroid, the farthest one."""
     clips, attrs = _clip_inputs(inputs, clip_ids)
-    weights = load_weights(pretrained)
+    weights = load_export(pretrained)
     config = fit_config_to_data(ModelConfig.from_dict(weights["model_config"]), attrs, audio=False, visual=True)
     model = EquiAV(config)
     model.load_state_dict(weights["model"])
@@ -363,13 +361,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the augmentations")
     add_device(p)
     p.add_argument("--out", required=True, help="where the picture goes (PNG)")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``equiav report WHAT ARGV``."""
-    from equiav.cli import main as equiav_main
-
-    return equiav_main(["report", *(sys.argv[1:] if argv is None else argv)])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ Each clip's audio and middle frame are embedded with the pre-trained model's int
 embedding (``EquiAV.encode``: the centroid of S = 16 predicted embeddings, from parameter
 vectors drawn once from ``--seed``), L2-normalised, and compared by cosine similarity. A video
 query's true key is the same clip's audio (V2A) and vice versa (A2V); ranks are pessimistic
-(ties ranked worst, see equiav.eval.metrics).
+(ties ranked worst, see equiav.metrics).
 
 The clips: ``--per-class`` clips per class from ``--split``, chosen deterministically (below),
 or the clip ids of a user list (``--ids``, e.g. MSR-VTT's test set). The ids used are written to
@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,8 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from equiav.atomic import write_json
 from equiav.augment import AudioAugment, VisualAugment, normalize_image
-from equiav.eval.metrics import RECALL_KS, chunked_similarity_ranks, rank_metrics
+from equiav.data.inputs import DatasetInputs, fit_config_to_data
+from equiav.metrics import RECALL_KS, chunked_similarity_ranks, rank_metrics
 from equiav.model import EquiAV, ModelConfig
 from equiav.options import (
     add_dataset_inputs,
@@ -39,15 +39,13 @@ from equiav.options import (
     add_workers,
     resolve_device,
 )
-from equiav.train.checkpoint import load_weights
-from equiav.train.finetune import DatasetInputs, fit_config_to_data
+from equiav.train.checkpoint import load_export
 
 __all__ = [
     "MATCH_COLUMNS",
     "add_arguments",
     "draw_centroid_params",
     "embed_clips",
-    "main",
     "read_id_list",
     "retrieval",
     "run",
@@ -272,7 +270,7 @@ def retrieval(
     ordered = Subset(dataset, [position[clip_id] for clip_id in ids])  # the published id order
     attrs = dataset.shard_attrs
 
-    weights = load_weights(pretrained)
+    weights = load_export(pretrained)
     config = fit_config_to_data(ModelConfig.from_dict(weights["model_config"]), attrs, audio=True, visual=True)
     model = EquiAV(config)
     model.load_state_dict(weights["model"])
@@ -344,13 +342,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--matches-per-query", type=int, default=5, help="keys listed per query in --matches-out")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``equiav retrieval ARGV``."""
-    from equiav.cli import main as equiav_main
-
-    return equiav_main(["retrieval", *(sys.argv[1:] if argv is None else argv)])
-
-
 def run(args: argparse.Namespace) -> int:
     """The body of ``equiav retrieval`` (logging is set up by equiav.cli)."""
     if args.ids is None and args.split is None:
@@ -376,15 +367,10 @@ def run(args: argparse.Namespace) -> int:
     ids_out.parent.mkdir(parents=True, exist_ok=True)
     ids_out.write_text("\n".join(ids) + "\n")
     metrics["subset_ids_file"] = str(ids_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(out, metrics)
     log.info(
         "%d clips: V2A R@1/5/10 %.3f/%.3f/%.3f, A2V %.3f/%.3f/%.3f (chance R@5 %.3f)",
         metrics["clips"], *(metrics["v2a"][f"R@{k}"] for k in RECALL_KS),
         *(metrics["a2v"][f"R@{k}"] for k in RECALL_KS), metrics["chance_r5"],
     )  # fmt: skip
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

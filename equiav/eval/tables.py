@@ -22,6 +22,10 @@ data set given, so a data-only run (no metric file at all) gets a tables page to
     equiav tables --results results --out-dir results/tables
     equiav tables --metrics results/finetune/*/metrics.json results/retrieval/*/metrics.json \
         --availability results/*/availability.csv --out-dir results/tables
+
+Kept whole: each table's layout (rows, the run names that fill them, the paper's numbers beside)
+and the code that fills and writes it are one contract: a run renamed in a preset or a row added
+must be seen with the reader that looks for it. The paper's numbers are :mod:`paper_numbers`.
 """
 
 from __future__ import annotations
@@ -53,7 +57,6 @@ __all__ = [
     "build_table",
     "load_availability",
     "load_metrics",
-    "main",
     "planned_tables",
     "table_files",
     "write_tables",
@@ -582,13 +585,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", type=Path, required=True, help="where the tables go (results/tables)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``equiav tables ARGV``."""
-    from equiav.cli import main as equiav_main
-
-    return equiav_main(["tables", *(sys.argv[1:] if argv is None else argv)])
-
-
 def run(args: argparse.Namespace) -> int:
     """The body of ``equiav tables``: 0 when written, 2 when a metrics file does not fit its table."""
     if args.results is None and args.metrics is None:
@@ -613,7 +609,3 @@ def run(args: argparse.Namespace) -> int:
     log.info("wrote %s and %d table(s) to %s: %s", out / "tables.md", len(written), out,
              ", ".join(written) or "none (no run of any table has metrics)")  # fmt: skip
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,7 +1,6 @@
 """The EquiAV model: encoders, transformation predictor, heads, fine-tuning classifier,
 MAE initialisation and the release checkpoint converter. See docs/model.md."""
 
-from equiav.model.config import ModelConfig
 from equiav.model.convert import convert_release_state_dict, to_release_state_dict
 from equiav.model.encoders import AudioEncoder, VisualEncoder, ViTEncoder, sincos_pos_embed_2d
 from equiav.model.equiav import EquiAV, count_parameters
@@ -15,6 +14,7 @@ from equiav.model.predictor import (
     build_predictor,
 )
 from equiav.model.pretrained import MAELoadReport, load_mae_weights, read_mae_state_dict
+from equiav.settings.model import ModelConfig
 
 __all__ = [
     "AudioEncoder",

@@ -42,14 +42,15 @@ import logging
 import re
 import string
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from equiav.model.config import ModelConfig
 from equiav.model.encoders import sincos_pos_embed_2d
+from equiav.settings.model import ModelConfig
 
-__all__ = ["RELEASE_PREFIX", "convert_release_state_dict", "to_release_state_dict"]
+__all__ = ["RELEASE_PREFIX", "convert_release_state_dict", "looks_like_release_state", "to_release_state_dict"]
 
 log = logging.getLogger(__name__)
 
@@ -222,3 +223,13 @@ def _summarise(keys: list[str]) -> str:
     """Group keys that differ only in block index / modality, for a short log line."""
     groups = sorted({re.sub(r"\.\d+\.", ".*.", key) for key in keys})
     return ", ".join(groups)
+
+
+def looks_like_release_state(state: Mapping[str, Any]) -> bool:
+    """Whether a loaded checkpoint (its state dict at the top level or under ``model``) has the
+    release's key names."""
+    keys = state.get("model", state)
+    return isinstance(keys, Mapping) and any(
+        isinstance(k, str) and k.removeprefix("module.").startswith((RELEASE_PREFIX, "patch_embed_a", "blocks_a."))
+        for k in keys
+    )

@@ -24,8 +24,8 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from equiav.model.config import ModelConfig
 from equiav.model.layers import init_xavier_
+from equiav.settings.model import ModelConfig
 
 __all__ = ["AudioEncoder", "ViTEncoder", "View", "VisualEncoder", "sincos_pos_embed_2d"]
 

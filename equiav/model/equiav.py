@@ -25,10 +25,10 @@ from collections.abc import Iterator
 
 from torch import Tensor, nn
 
-from equiav.model.config import ModelConfig
 from equiav.model.encoders import AudioEncoder, VisualEncoder, ViTEncoder
 from equiav.model.heads import ProjectionHead
 from equiav.model.predictor import TransformationPredictor, build_predictor
+from equiav.settings.model import ModelConfig
 
 __all__ = ["EquiAV", "count_parameters"]
 

@@ -13,15 +13,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from equiav.model.config import ModelConfig
 from equiav.model.encoders import AudioEncoder, VisualEncoder
 from equiav.model.equiav import EquiAV
 from equiav.model.layers import init_xavier_
+from equiav.settings.finetune import FINETUNE_MODALITIES
+from equiav.settings.model import ModelConfig
 
-__all__ = ["FINETUNE_MODALITIES", "EquiAVClassifier", "FinetuneModality"]
+__all__ = ["EquiAVClassifier", "FinetuneModality"]
 
 FinetuneModality = Literal["audio", "visual", "audiovisual"]
-FINETUNE_MODALITIES: tuple[str, ...] = ("audio", "visual", "audiovisual")
 
 
 class EquiAVClassifier(nn.Module):

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from equiav.model.config import ModelConfig
 from equiav.model.layers import QuickGELU, init_xavier_
+from equiav.settings.model import ModelConfig
 
 __all__ = [
     "AugmentationEncoder",

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from equiav.atomic import atomic_output
 from equiav.distributed import rank
+from equiav.model.convert import looks_like_release_state
+from equiav.settings.model import ModelConfig
 from equiav.train.common import unwrap_model
 
 __all__ = [
     "Checkpointer",
+    "check_same_run",
     "capture_rng_state",
     "code_revision",
     "export_weights",
-    "load_weights",
+    "load_export",
+    "read_weights_file",
     "restore_rng_state",
 ]
 
@@ -39,27 +45,52 @@ _NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file beside ``path``, fsync, then rename onto ``path``.
+    """torch.save, durably and atomically: a kill at any moment leaves the old file or the new
+    one, never a truncated file under the final name (the temporary name does not match the
+    checkpoint pattern)."""
+    with atomic_output(path, durable=True) as tmp, tmp.open("wb") as f:
+        torch.save(obj, f)
 
-    A kill at any moment leaves either the old file or the new one, never a truncated file
-    under the final name (the temporary name does not match the checkpoint pattern).
+
+def _differences(
+    saved: Mapping[str, Any], current: Mapping[str, Any], ignore: frozenset[str], prefix: str = ""
+) -> list[str]:
+    differences = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        if name in ignore:
+            continue
+        old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            differences += _differences(old, new, ignore, f"{name}.")
+        elif old != new:
+            differences.append(f"{name}: {old!r} in the checkpoint, {new!r} now")
+    return differences
+
+
+def check_same_run(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    *,
+    where: str | os.PathLike[str],
+    start_afresh: str,
+    ignore: Iterable[str] = (),
+) -> None:
+    """Stop a run from resuming what another run wrote (a checkpoint, a finished fold's record).
+
+    ``saved`` and ``current`` are the two runs' identities (nested plain data: settings, data
+    fingerprints); every dotted key that differs is named with both values, except those in
+    ``ignore`` (settings that never change what is computed). ``start_afresh`` says how to begin
+    a new run instead, e.g. "delete work/ to start afresh".
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with tmp.open("wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    # Make the rename itself durable (a crash right after could otherwise lose the new entry).
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    ignored = frozenset(ignore)
+    differences = _differences(saved, current, ignored)
+    if differences:
+        may_change = f" (only {', '.join(sorted(ignored))} may change between runs)" if ignored else ""
+        raise RuntimeError(
+            f"cannot resume from {where}: it was written with other settings or data ({'; '.join(differences[:8])}). "
+            f"Restore them to resume that run, or {start_afresh}{may_change}"
+        )
 
 
 class Checkpointer:
@@ -182,7 +213,7 @@ def export_weights(
     "_orig_mod." prefixes), "model_config": config, **extra}``, atomically.
 
     ``config`` and ``extra`` must be plain data (numbers, strings, lists, dicts, tensors) so
-    that :func:`load_weights` can read the file with ``weights_only=True``.
+    that :func:`load_export` can read the file with ``weights_only=True``.
     """
     extra = dict(extra or {})
     clash = sorted({"model", "model_config"} & set(extra))
@@ -192,6 +223,45 @@ def export_weights(
     _atomic_save({"model": state, "model_config": dict(config), **extra}, Path(path))
 
 
-def load_weights(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a file written by :func:`export_weights` (on the CPU, ``weights_only=True``)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def read_weights_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A dict saved with torch.save, read on the CPU with ``weights_only=True`` (no code runs);
+    a missing, unreadable or non-dict file is a ValueError / FileNotFoundError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(
+            f"cannot read checkpoint {str(path)!r} as a PyTorch weights file (weights_only=True): {err}"
+        ) from err
+    if not isinstance(state, Mapping):
+        raise ValueError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a dict of weights")
+    return dict(state)
+
+
+def load_export(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A model exported by :func:`export_weights` (the pre-train stage's ``model.pt``), checked:
+    ``model`` a dict of tensors and ``model_config`` a valid :class:`ModelConfig`; anything else
+    is a ValueError that names the file and what it holds instead."""
+    state = read_weights_file(path)
+    if "model_config" not in state or "model" not in state:
+        hint = (
+            "; it looks like the authors' release checkpoint: pass --release (release=True)"
+            if looks_like_release_state(state)
+            else "; give the pre-train stage's model.pt"
+        )
+        raise ValueError(
+            f"{str(path)!r} is not an equiav export (keys 'model' and 'model_config' expected, found "
+            f"{sorted(map(str, state))[:8]}){hint}"
+        )
+    weights, config = state["model"], state["model_config"]
+    if not isinstance(weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ValueError(f"{str(path)!r}: 'model' must be a state dict (names -> tensors)")
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{str(path)!r}: 'model_config' must be a mapping of ModelConfig fields")
+    try:
+        ModelConfig.from_dict(dict(config))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{str(path)!r}: its model_config is not a valid ModelConfig: {err}") from err
+    return state

@@ -14,20 +14,22 @@ Exit codes: 0 when training completed and ``--out`` is written; 128 + signal num
 SIGTERM, 138 for SIGUSR1) when a stop signal arrived: the checkpoint of the last finished step
 is saved, ``--out`` is not written, and the non-zero code tells Snakemake / SLURM that the job
 is not done (rerun or requeue it and it resumes); 1 on an error.
+
+Kept whole: the Pretrainer's set-up, resume, loop and export share one state (the position in
+the run, the model, optimiser and RNG streams), and the exactness of a resume depends on all of
+them at once. What can stand apart does: the settings (:mod:`equiav.settings.pretrain`), the
+data pipeline (:mod:`equiav.train.data`), the loss (:mod:`equiav.losses`) and the plumbing
+shared with fine-tuning (:mod:`equiav.train.common`, ``checkpoint``, ``metric_log``).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
-import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,23 +38,23 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from equiav.augment import AudioAugmentConfig
+from equiav.atomic import write_json
 from equiav.data.inputs import read_norm_stats, read_usable
 from equiav.data.store import FeatureDataset, read_index
 from equiav.losses import EquiAVLoss
 from equiav.model import EquiAV, ModelConfig, load_mae_weights
 from equiav.options import add_dataset_inputs, add_settings
-from equiav.settings import reject_unknown_keys
+from equiav.settings.pretrain import AUDIO_AUGMENT_SWITCHES, RESUMABLE_CHANGES, PretrainSettings
 from equiav.train.checkpoint import (
     Checkpointer,
     capture_rng_state,
+    check_same_run,
     code_revision,
     export_weights,
     restore_rng_state,
 )
 from equiav.train.common import (
     DistInfo,
-    MetricLogger,
     StopSignal,
     WarmupCosine,
     any_rank,
@@ -73,32 +75,12 @@ from equiav.train.data import (
     dataset_classes,
     make_loader,
 )
+from equiav.train.metric_log import MetricLogger
 
-__all__ = [
-    "AUDIO_AUGMENT_SWITCHES",
-    "METRICS",
-    "RESUMABLE_CHANGES",
-    "STRATEGIES",
-    "PretrainSettings",
-    "Pretrainer",
-    "add_arguments",
-    "main",
-    "run",
-    "train_flops_per_sample",
-]
+__all__ = ["METRICS", "Pretrainer", "add_arguments", "run", "train_flops_per_sample"]
 
 log = logging.getLogger(__name__)
 
-STRATEGIES: tuple[str, ...] = ("joint", "two_stage", "alternating")
-MODEL_PRESETS: dict[str, Any] = {"vit_base": ModelConfig.vit_base, "tiny": ModelConfig.tiny}
-# The AudioAugmentConfig fields that `audio_augment` may set: only the switches that restore the
-# release's behaviour (docs/method.md); the distributions themselves stay the paper's.
-AUDIO_AUGMENT_SWITCHES: tuple[str, ...] = tuple(
-    f.name for f in dataclasses.fields(AudioAugmentConfig) if f.name.startswith("release_")
-)
-# Settings that may differ between a checkpoint and the run that resumes it: they change how
-# often things are written or how data is loaded, never what is computed.
-RESUMABLE_CHANGES: tuple[str, ...] = ("num_workers", "log_every", "checkpoint_every", "keep_checkpoints")
 # Columns of metrics.csv after "step" (the 0-based iteration index).
 METRICS: tuple[str, ...] = (
     "epoch",
@@ -118,162 +100,6 @@ METRICS: tuple[str, ...] = (
 _LOSS_KEYS = ("loss", "inter", "intra_audio", "intra_visual", "acc_inter", "acc_intra_audio", "acc_intra_visual")
 # augment_chunk null: gcd(per-process batch, AUTO_AUGMENT_CHUNK) rows per augmentation generator.
 AUTO_AUGMENT_CHUNK = 16
-
-
-@dataclass(frozen=True)
-class PretrainSettings:
-    """Every pre-training setting; the defaults are the paper's recipe (method.md section 7).
-
-    model: {"preset": "vit_base" | "tiny", plus any ModelConfig field to override}.
-    mae_weights: MAE ViT-B/16 initialisation: None (random), a local file, or "hub" (timm, online).
-    splits: the splits of usable.csv to train on.
-    epochs, batch_size (global, divided among the processes), lr (peak), start_lr, min_lr,
-        warmup_epochs (may be fractional), weight_decay, betas, clip_grad (max gradient norm;
-        None for none): AdamW with a per-iteration linear warm-up + cosine schedule.
-    precision: "auto" (bf16 on CUDA where supported, fp16 on older GPUs, fp32 on the CPU),
-        "fp32", "bf16" or "fp16".
-    num_workers: DataLoader processes per training process.
-    seed: every random choice (model init, data order, frames, augmentations) derives from it.
-    temperature, weight_inter, weight_audio, weight_visual, positive_in_denominator: EquiAVLoss.
-    strategy: "joint" (the weighted sum, the paper), "two_stage" (intra-modal terms only for
-        the first half of the steps, then the inter-modal term only) or "alternating" (intra on
-        even iterations, inter on odd ones): paper Table 7.
-    independent_visual_frame: the augmented view from a second, independently drawn frame (the
-        release) instead of the clean view's frame (method.md [fix]).
-    augment_chunk: rows per augmentation generator (docs/training.md); the per-process batch
-        must be a multiple. null: gcd(per-process batch, 16). Runs with different process
-        counts draw the same augmentations when the chunk is the same and divides every
-        per-process batch involved.
-    audio_augment: {switch: bool} for the AUDIO_AUGMENT_SWITCHES of AudioAugmentConfig (all
-        false, the fixes, by default; true restores the release's behaviour, docs/augment.md).
-        Stored with every switch filled in.
-    checkpoint_every (steps), keep_checkpoints, log_every (steps), compile (torch.compile, CUDA only).
-    """
-
-    model: dict[str, Any] = field(default_factory=lambda: {"preset": "vit_base"})
-    mae_weights: str | None = "hub"
-    splits: tuple[str, ...] = ("train",)
-    epochs: int = 20
-    batch_size: int = 256
-    lr: float = 1e-4
-    start_lr: float = 1e-6
-    min_lr: float = 1e-6
-    warmup_epochs: float = 2
-    weight_decay: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.95)
-    clip_grad: float | None = 0.01
-    precision: str = "auto"
-    num_workers: int = 4
-    seed: int = 0
-    temperature: float = 0.07
-    weight_inter: float = 1.0
-    weight_audio: float = 1.0
-    weight_visual: float = 1.0
-    positive_in_denominator: bool = True
-    strategy: str = "joint"
-    independent_visual_frame: bool = False
-    augment_chunk: int | None = None
-    audio_augment: dict[str, bool] = field(default_factory=dict)
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    compile: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.model, Mapping):
-            raise ValueError(f"model must be a mapping like {{'preset': 'vit_base'}}, got {self.model!r}")
-        if isinstance(self.splits, str):
-            raise ValueError(
-                f"splits must be a list of split names, e.g. [{self.splits!r}], got the string {self.splits!r}"
-            )
-        # Normalise JSON lists to tuples so that equal settings compare equal.
-        object.__setattr__(self, "splits", tuple(self.splits))
-        object.__setattr__(self, "betas", tuple(self.betas))
-        object.__setattr__(self, "model", dict(self.model))
-        if not isinstance(self.audio_augment, Mapping):
-            raise ValueError(
-                f"audio_augment must be a mapping like {{'release_clamp': true}}, got {self.audio_augment!r}"
-            )
-        # Every switch spelt out, so that the stored settings say what the run did.
-        object.__setattr__(
-            self, "audio_augment", {name: False for name in AUDIO_AUGMENT_SWITCHES} | dict(self.audio_augment)
-        )
-        problems = self._problems()
-        if problems:
-            raise ValueError("invalid pre-training settings: " + "; ".join(problems))
-        self.model_config()  # an invalid model section fails here, with ModelConfig's message
-
-    def _problems(self) -> list[str]:
-        problems = []
-        for name in ("epochs", "batch_size", "augment_chunk", "checkpoint_every", "keep_checkpoints", "log_every"):
-            value = getattr(self, name)
-            if name == "augment_chunk" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                problems.append(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
-            problems.append(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            problems.append(f"seed must be an integer >= 0, got {self.seed!r}")
-        if not self.splits or not all(isinstance(s, str) for s in self.splits):
-            problems.append(f"splits must be a non-empty list of split names, got {list(self.splits)!r}")
-        for name in ("lr", "start_lr", "min_lr", "weight_decay", "warmup_epochs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                problems.append(f"{name} must be a finite number >= 0, got {value!r}")
-            elif name == "lr" and value == 0:
-                problems.append("lr must be > 0 (the peak learning rate), got 0")
-        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
-            problems.append(f"betas must be two numbers in [0, 1), got {list(self.betas)!r}")
-        if self.clip_grad is not None and not (isinstance(self.clip_grad, (int, float)) and self.clip_grad > 0):
-            problems.append(f"clip_grad must be > 0 or null (no clipping), got {self.clip_grad!r}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            problems.append(f"precision={self.precision!r}; choose auto, fp32, bf16 or fp16")
-        if self.strategy not in STRATEGIES:
-            problems.append(f"strategy={self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        elif self.strategy != "joint" and (self.weight_inter == 0 or self.weight_audio + self.weight_visual == 0):
-            problems.append(
-                f"strategy={self.strategy!r} trains the intra-modal and the inter-modal terms in turn, so "
-                "weight_inter and weight_audio + weight_visual must both be > 0"
-            )
-        if self.mae_weights is not None and not isinstance(self.mae_weights, str):
-            problems.append(f"mae_weights must be null, 'hub' or a file path, got {self.mae_weights!r}")
-        for name in ("positive_in_denominator", "independent_visual_frame", "compile"):
-            if not isinstance(getattr(self, name), bool):
-                problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
-        unknown = sorted(set(self.audio_augment) - set(AUDIO_AUGMENT_SWITCHES))
-        if unknown:
-            problems.append(
-                f"unknown audio_augment setting(s) {', '.join(map(repr, unknown))}; known: {', '.join(AUDIO_AUGMENT_SWITCHES)}"
-            )
-        for name, value in self.audio_augment.items():
-            if name not in unknown and not isinstance(value, bool):
-                problems.append(f"audio_augment.{name} must be true or false, got {value!r}")
-        return problems
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> PretrainSettings:
-        """Settings from a (JSON) mapping; missing keys take their defaults, unknown keys are an
-        error (a typo must not silently train with a default)."""
-        reject_unknown_keys(cls, values, "pre-training setting(s)")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (tuples as lists), as stored in checkpoints and weights."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    def model_config(self) -> ModelConfig:
-        """The ModelConfig of ``model``: the preset with the other keys as overrides."""
-        overrides = dict(self.model)
-        preset = overrides.pop("preset", "vit_base")
-        if preset not in MODEL_PRESETS:
-            raise ValueError(f"model preset {preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
-        reject_unknown_keys(ModelConfig, overrides, "model setting(s)")
-        return MODEL_PRESETS[preset](**overrides)
-
-    def audio_augment_config(self) -> AudioAugmentConfig:
-        """The AudioAugmentConfig training draws from: the paper's, with ``audio_augment``'s switches."""
-        return AudioAugmentConfig(**self.audio_augment)
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,21 +260,6 @@ class _Window:
         return values
 
 
-def _resolved_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """Human-readable differences between two resolved configurations (nested dicts)."""
-    differences = []
-    for key in sorted(set(saved) | set(current)):
-        name = f"{prefix}{key}"
-        if prefix == "settings." and key in RESUMABLE_CHANGES:
-            continue
-        old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
-        if isinstance(old, Mapping) and isinstance(new, Mapping):
-            differences += _resolved_differences(old, new, f"{name}.")
-        elif old != new:
-            differences.append(f"{name}: {old!r} in the checkpoint, {new!r} now")
-    return differences
-
-
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
@@ -554,13 +365,13 @@ class Pretrainer:
         state = self.checkpointer.load(latest)
         # Checkpoints from before `audio_augment` existed could only have trained with the fixes.
         state["config"]["settings"].setdefault("audio_augment", {name: False for name in AUDIO_AUGMENT_SWITCHES})
-        differences = _resolved_differences(state["config"], self.resolved)
-        if differences:
-            raise RuntimeError(
-                f"cannot resume from {latest}: it was written with other settings or data "
-                f"({'; '.join(differences)}). Restore them, or start afresh with another --work-dir "
-                f"(only {', '.join(RESUMABLE_CHANGES)} and --max-steps may change between runs)"
-            )
+        check_same_run(
+            state["config"],
+            self.resolved,
+            where=latest,
+            start_afresh="start afresh with another --work-dir (--max-steps may change too)",
+            ignore=[f"settings.{name}" for name in RESUMABLE_CHANGES],
+        )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -598,7 +409,7 @@ class Pretrainer:
             "total_steps": self.total_steps,
             "resumed_from": str(resumed_from) if resumed_from else None,
         }
-        (self.work_dir / "config.json").write_text(json.dumps(run_info, indent=2) + "\n")
+        write_json(self.work_dir / "config.json", run_info)
 
     def save_checkpoint(self) -> None:
         """Checkpoint the current position (a collective: every rank sends its RNG states)."""
@@ -751,13 +562,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop (and export) after this many steps (default: all)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``equiav pretrain ARGV``; returns the exit code (module docstring)."""
-    from equiav.cli import main as equiav_main
-
-    return equiav_main(["pretrain", *(sys.argv[1:] if argv is None else argv)])
-
-
 def run(args: argparse.Namespace) -> int:
     """The body of ``equiav pretrain`` (logging is set up by equiav.cli)."""
     if args.max_steps is not None and args.max_steps < 1:
@@ -788,7 +592,3 @@ def run(args: argparse.Namespace) -> int:
         finally:
             torch.use_deterministic_algorithms(deterministic)
             cleanup_distributed()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
