@@ -170,16 +170,12 @@ def test_checking_a_configuration_imports_no_torch(what: str, tmp_path: Path) ->
 
 
 def test_a_long_module_says_why_it_is_kept_whole() -> None:
-    long = {
-        name: len(path.read_text().splitlines())
-        for name, path in _modules().items()
-        if len(path.read_text().splitlines()) > LONG_MODULE
-    }
-    unexplained = [
-        f"{name} ({lines} lines)"
-        for name, lines in sorted(long.items())
-        if KEPT_WHOLE not in (ast.get_docstring(ast.parse(_modules()[name].read_text())) or "")
-    ]
+    unexplained = []
+    for name, path in sorted(_modules().items()):
+        text = path.read_text()
+        lines = len(text.splitlines())
+        if lines > LONG_MODULE and KEPT_WHOLE not in (ast.get_docstring(ast.parse(text)) or ""):
+            unexplained.append(f"{name} ({lines} lines)")
     assert not unexplained, (
         f"modules over {LONG_MODULE} lines without a '{KEPT_WHOLE} <reason>' paragraph in their docstring "
         f"(split them, or say why not): {', '.join(unexplained)}"

@@ -86,7 +86,7 @@ def check_same_run(
     ignored = frozenset(ignore)
     differences = _differences(saved, current, ignored)
     if differences:
-        may_change = f" (only {', '.join(sorted(ignored))} may change between runs)" if ignored else ""
+        may_change = f"; {', '.join(sorted(ignored))} may change between runs" if ignored else ""
         raise RuntimeError(
             f"cannot resume from {where}: it was written with other settings or data ({'; '.join(differences[:8])}). "
             f"Restore them to resume that run, or {start_afresh}{may_change}"

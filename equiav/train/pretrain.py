@@ -369,7 +369,7 @@ class Pretrainer:
             state["config"],
             self.resolved,
             where=latest,
-            start_afresh="start afresh with another --work-dir (--max-steps may change too)",
+            start_afresh="start afresh with another --work-dir (--max-steps may always change)",
             ignore=[f"settings.{name}" for name in RESUMABLE_CHANGES],
         )
         self.model.load_state_dict(state["model"])
