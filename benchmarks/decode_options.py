@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import os
 import platform
 import resource
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,7 +39,7 @@ import numpy as np
 import torch
 import torchvision
 from common import write_json
-from feature_extraction import add_clip_arguments, cpu_model, make_clips
+from feature_extraction import add_clip_arguments, clips_on_one_core, run_facts
 
 from equiav.data import media
 from equiav.data.features import FeatureSettings, fbank
@@ -186,10 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "decode_options.json")
     args = parser.parse_args(argv)
 
-    paths = make_clips(args.work, args.clips, args.seconds, args.gop)
-    core = args.core if args.core is not None else min(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {core})  # this process and every ffmpeg it starts: one core
-    torch.set_num_threads(1)
+    paths, core = clips_on_one_core(args)
     load_before = os.getloadavg()[0]
 
     option_times, pixel_diff = options(paths, args.seconds, args.repeats)
@@ -217,9 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         0
     ]
     report = {
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpu": cpu_model(), "cores_visible": os.cpu_count(), "pinned_core": core},
+        **run_facts(core),
         "load_average": {"before": load_before, "after": load_after},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "ffmpeg": version},
         "clips": len(paths),

@@ -181,6 +181,25 @@ def add_clip_arguments(parser: argparse.ArgumentParser, clips: int) -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "feature_extraction_media")
 
 
+def clips_on_one_core(args: argparse.Namespace) -> tuple[list[Path], int]:
+    """The clips of ``add_clip_arguments``, made once, and the core this process (and every
+    ffmpeg it starts) is now pinned to, with one torch thread."""
+    paths = make_clips(args.work, args.clips, args.seconds, args.gop)
+    core = args.core if args.core is not None else min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    return paths, core
+
+
+def run_facts(core: int) -> dict:
+    """What every clip benchmark's report starts with: when, how it was run, on what."""
+    return {
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {"cpu": cpu_model(), "cores_visible": os.cpu_count(), "pinned_core": core},
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_clip_arguments(parser, clips=20)
@@ -188,10 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     cv2 = import_cv2()
 
-    paths = make_clips(args.work, args.clips, args.seconds, args.gop)
-    core = args.core if args.core is not None else min(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {core})  # this process and every ffmpeg it starts: one core
-    torch.set_num_threads(1)
+    paths, core = clips_on_one_core(args)
     cv2.setNumThreads(1)
 
     ours_name, authors_name = "ours (one ffmpeg pass)", "authors (wav + OpenCV seeks)"
@@ -215,9 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     version = subprocess.run([ffmpeg_exe(), "-version"], capture_output=True, text=True).stdout.split("\n")[0]
     report = {
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpu": cpu_model(), "cores_visible": os.cpu_count(), "pinned_core": core},
+        **run_facts(core),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -163,6 +163,19 @@ def _manifest(args: argparse.Namespace) -> None:
     log.info("wrote the manifest to %s and %d shard list(s) to %s", args.out_dir, len(shards), args.shards_dir)
 
 
+def _catalog_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", required=True, type=json.loads, help="the source's config entry (JSON)")
+    p.add_argument("--out", required=True, help="the catalogue (CSV)")
+
+
+@command("catalog", "list the media files or archive members of one source and the clips they serve", _catalog_args)
+def _catalog(args: argparse.Namespace) -> None:
+    from equiav.data.sources import Source, write_catalog
+
+    write_catalog(Source(**args.source), args.out)
+    log.info("wrote the catalogue of source %s to %s", args.source["name"], args.out)
+
+
 def _download_args(p: argparse.ArgumentParser) -> None:
     add_settings(p, "the data set's config section")
     p.add_argument("--shard", required=True, help="the shard's clip list (CSV)")
@@ -173,9 +186,11 @@ def _download_args(p: argparse.ArgumentParser) -> None:
 @command("download", "fetch the clips of one shard and record a status row per clip", _download_args)
 def _download(args: argparse.Namespace) -> None:
     from equiav.data.download import DownloadSettings, download_shard
+    from equiav.data.sources import parse_sources
 
     settings = DownloadSettings.from_config(args.settings["download"], args.settings["modalities"])
-    download_shard(args.shard, args.media_dir, args.out, settings)
+    sources = parse_sources("", args.settings, check_files=False)
+    download_shard(args.shard, args.media_dir, args.out, settings, sources)
     log.info("wrote the status rows of %s to %s", args.shard, args.out)
 
 
@@ -328,7 +343,7 @@ _module_command("launch", STAGE, "run a training command on the job's GPUs and n
 # The order of `equiav --help`: user commands first, then the stages in pipeline order.
 ORDER = (
     "embed", "retrieve", "validate-config", "transient", "tables", "report",
-    "demo-data", "fetch", "fetch-archive", "manifest", "download", "features", "availability", "norm-stats",
+    "demo-data", "fetch", "fetch-archive", "catalog", "manifest", "download", "features", "availability", "norm-stats",
     "pretrain", "finetune", "retrieval", "summary", "launch",
 )  # fmt: skip
 

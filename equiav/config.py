@@ -142,6 +142,13 @@ def _semantic_problems(config: dict) -> list[str]:
             problems.append(
                 f"config key 'datasets.{name}.classes': give `path` or `url` for the {classes['format']} class list"
             )
+        if name in config.get("run", []) and "generate" not in dataset:
+            from equiav.data.sources import SourceError, parse_sources
+
+            try:
+                parse_sources(name, dataset)
+            except SourceError as e:
+                problems.append(str(e))
         features = dataset.get("features", {})
         if "video" in dataset.get("modalities", []) and features.get("num_frames") == 0:
             problems.append(

@@ -1,13 +1,16 @@
 """Tiny copies of the archived data sets (ESC-50, Speech Commands v0.01) in their real layouts,
-and a user list of local files, for running the presets' workflow without a download."""
+a user list of local files, and mirrors (tar.gz shards, damaged ones, a hub cache), for running
+the presets' workflow without a download."""
 
 from __future__ import annotations
 
 import math
+import shutil
 import struct
 import tarfile
 import wave
 import zipfile
+import zlib
 from pathlib import Path
 
 RATE = 16000
@@ -86,3 +89,40 @@ def user_list(folder: Path, per_split: dict[str, int] | None = None) -> Path:
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     """Every file under ``folder`` with its size and mtime, to see that nothing was changed."""
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def tar_gz(out: Path, members: dict[str, Path]) -> Path:
+    """A tar.gz holding each file under its member name, in the order given."""
+    with tarfile.open(out, "w:gz") as tar:
+        for member, file in members.items():
+            tar.add(file, arcname=member)
+    return out
+
+
+def cut_tar_gz_inside(path: Path, member: str, into: int = 2000) -> Path:
+    """Truncate a tar.gz where its compressed stream reaches ``into`` bytes into ``member``'s
+    data, as a download of a mirror shard that stopped there would leave it."""
+    with tarfile.open(path) as tar:
+        target = tar.getmember(member).offset_data + into
+    data = path.read_bytes()
+    inflate, produced = zlib.decompressobj(16 + zlib.MAX_WBITS), 0
+    for keep in range(256, len(data), 256):
+        produced += len(inflate.decompress(data[keep - 256 : keep]))
+        if produced >= target:
+            path.write_bytes(data[:keep])
+            return path
+    raise AssertionError(f"{member} is shorter than {into} bytes")
+
+
+def hub_cache(hf_home: Path, repo_id: str, files: dict[str, Path]) -> Path:
+    """A Hugging Face hub cache under ``hf_home`` holding a dataset repository's files at `main`,
+    laid out as huggingface_hub leaves it (refs/main -> snapshots/<commit>/), for offline use."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hf_home / "hub" / f"datasets--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for name, file in files.items():
+        shutil.copy(file, snapshot / name)
+    return snapshot

@@ -18,7 +18,7 @@ from equiav.options import read_settings, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 USER_COMMANDS = ("embed", "retrieve", "validate-config", "transient", "tables", "report")
-STAGES = ("demo-data", "fetch", "fetch-archive", "manifest", "download", "features", "availability",
+STAGES = ("demo-data", "fetch", "fetch-archive", "catalog", "manifest", "download", "features", "availability",
           "norm-stats", "pretrain", "finetune", "retrieval", "summary", "launch")  # fmt: skip
 REPORT_KINDS = ("page", "curves", "finetune-curves", "retrieval-examples", "qualitative")
 INFO = re.compile(r"^\S+ \S+ INFO (equiav[\w.]*): (.*)$", re.MULTILINE)

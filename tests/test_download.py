@@ -52,7 +52,8 @@ def _clips(rows: list[tuple[str, str]]) -> pd.DataFrame:
 
 
 def _fast(**overrides) -> DownloadSettings:
-    return DownloadSettings(**{"retries": 2, "backoff_seconds": 0.01, "workers": 2, "socket_timeout": 10, **overrides})
+    settings = {"retries": 2, "backoff_seconds": 0.01, "workers": 2, "socket_timeout": 10, "youtube_per_hour": None}
+    return DownloadSettings(**{**settings, **overrides})
 
 
 def test_every_clip_gets_the_right_status(served, tmp_path):
@@ -298,7 +299,7 @@ def youtube(monkeypatch, tmp_path, served):
     answers: dict[str, str] = {}
     asked: list[str] = []
 
-    def fake_fetch(self, clip, kind, start, end, tmp):
+    def fake_fetch(self, clip, kind, start, end, tmp, youtube_url):
         assert kind == "youtube"
         asked.append(clip["source"])
         outcome = answers.get(clip["source"], st.OK)
@@ -390,9 +391,9 @@ def test_attempt_folders_are_the_downloaders_own(served, tmp_path, monkeypatch):
     made: list[Path] = []
     real_fetch = ShardDownloader._fetch
 
-    def spy(self, clip, kind, start, end, tmp):
+    def spy(self, clip, kind, start, end, tmp, youtube_url):
         made.append(tmp)
-        return real_fetch(self, clip, kind, start, end, tmp)
+        return real_fetch(self, clip, kind, start, end, tmp, youtube_url)
 
     monkeypatch.setattr(ShardDownloader, "_fetch", spy)
     media = tmp_path / "media"

@@ -49,8 +49,10 @@ def gather(
             f"(e.g. {sorted(missing)[:3]}), {len(extra)} row(s) for unknown clips (e.g. {sorted(extra)[:3]}); "
             "re-run the download shards (delete their status files to force it)"
         )
+    if "source_name" not in downloads:  # status rows written before sources existed
+        downloads["source_name"] = ""
     status = manifest[["clip_id", "split", "labels"]].merge(
-        downloads[["clip_id", "status", "detail"]], on="clip_id", how="left", validate="one_to_one"
+        downloads[["clip_id", "source_name", "status", "detail"]], on="clip_id", how="left", validate="one_to_one"
     )
     status["stage"] = "download"
     extracted = features.set_index("clip_id")
@@ -72,7 +74,8 @@ def gather(
     usable_ids = status.loc[status["status"] == st.OK, "clip_id"]
     usable = manifest.set_index("clip_id").loc[usable_ids].reset_index()
     usable["h5"] = extracted.loc[usable_ids, "_from"].map(h5_of).to_numpy()
-    return status[["clip_id", "split", "labels", "stage", "status", "final", "detail"]], usable
+    columns = ["clip_id", "split", "labels", "source_name", "stage", "status", "final", "detail"]
+    return status[columns], usable
 
 
 def availability_table(status: pd.DataFrame) -> pd.DataFrame:
@@ -88,7 +91,21 @@ def availability_table(status: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([counts, overall], ignore_index=True)[["split", "status", "clips", "share"]]
 
 
-def availability_markdown(dataset: str, table: pd.DataFrame) -> str:
+def by_source_table(status: pd.DataFrame) -> pd.DataFrame:
+    """Clips per source that decided them (rows) and outcome (columns), in vocabulary order."""
+    wide = status.assign(source=status["source_name"].replace("", "-")).pivot_table(
+        index="source", columns="status", values="clip_id", aggfunc="count", fill_value=0
+    )
+    return wide[[s for s in st.VOCABULARY if s in wide.columns]].astype(int)
+
+
+def _markdown_table(wide: pd.DataFrame, first: str) -> list[str]:
+    header = f"| {first} | " + " | ".join(map(str, wide.columns)) + " |"
+    rule = "|" + "---|" * (len(wide.columns) + 1)
+    return [header, rule] + ["| " + " | ".join(map(str, (key, *values))) + " |" for key, *values in wide.itertuples()]
+
+
+def availability_markdown(dataset: str, table: pd.DataFrame, by_source: pd.DataFrame | None = None) -> str:
     """The report a reader sees beside the tables: per split, how many clips were obtained and why not."""
     wide = table.pivot_table(index="split", columns="status", values="clips", fill_value=0, aggfunc="sum").astype(int)
     wide = wide[[s for s in st.VOCABULARY if s in wide.columns]]
@@ -96,9 +113,6 @@ def availability_markdown(dataset: str, table: pd.DataFrame) -> str:
     wide.insert(0, "listed", wide.sum(axis=1))
     ok = wide[st.OK] if st.OK in wide.columns else 0
     wide.insert(1, "obtained %", (100 * ok / wide["listed"]).round(1))
-    header = "| split | " + " | ".join(map(str, wide.columns)) + " |"
-    rule = "|" + "---|" * (len(wide.columns) + 1)
-    rows = ["| " + " | ".join(map(str, (split, *values))) + " |" for split, *values in wide.itertuples()]
     transient = int(wide.loc["all", [s for s in wide.columns if s in st.VOCABULARY and s not in st.FINAL]].sum())
     lines = [
         f"# Availability of {dataset}",
@@ -107,11 +121,17 @@ def availability_markdown(dataset: str, table: pd.DataFrame) -> str:
         "every other column is a reason from the fixed vocabulary (see docs/data.md). The ids",
         "obtained per split are in `obtained/<split>.txt` beside this file.",
         "",
-        header,
-        rule,
-        *rows,
+        *_markdown_table(wide, "split"),
         "",
     ]
+    if by_source is not None and len(by_source):
+        lines += [
+            "Per source: the source that decided each clip (it served the clip, or its outcome is the",
+            "clip's; `none`: in no source). `detail` in `status.csv` names every source tried.",
+            "",
+            *_markdown_table(by_source, "source"),
+            "",
+        ]
     if transient:
         lines += [
             f"{transient} clip(s) failed for a passing reason (sign-in, rate-limited, other) and may still be had:",
@@ -148,6 +168,6 @@ def write_availability(dataset: str, status: pd.DataFrame, usable: pd.DataFrame,
     usable.to_csv(out_dir / "usable.csv", index=False)
     table = availability_table(status)
     table.to_csv(out_dir / "availability.csv", index=False)
-    (out_dir / "availability.md").write_text(availability_markdown(dataset, table))
+    (out_dir / "availability.md").write_text(availability_markdown(dataset, table, by_source_table(status)))
     for split, ids in usable.groupby("split")["clip_id"]:
         (out_dir / "obtained" / f"{split}.txt").write_text("\n".join(ids) + "\n")

@@ -1,8 +1,12 @@
 """Stage 2: fetch the clips of one shard and record a status row for every clip.
 
-A shard job takes a slice of the manifest, fetches each clip with yt-dlp (YouTube ids,
-http(s) and file:// URLs) or checks it in place (local paths), validates the media, and
-records one status row per clip from the fixed vocabulary in :mod:`equiav.data.status`.
+A shard job takes a slice of the manifest and tries each clip's candidate sources in order
+(equiav.data.sources): a copy in a folder (checked in place), a member of an archive
+(streamed out of it, once per archive for the whole shard), or the list's own source:
+yt-dlp for YouTube ids (at the host's YouTube rate, equiav.data.youtube), http(s) and
+file:// URLs, or a local path checked in place. It validates the media and records one
+status row per clip, naming the source that decided it, from the fixed vocabulary in
+:mod:`equiav.data.status`.
 
 Resumability: every outcome is appended to a journal beside the media as soon as it is
 known, and every media file is moved into place only once complete and validated, so a
@@ -13,20 +17,20 @@ file. Only the job's own faults (unwritable folders, a bad shard file) make it f
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import random
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +40,18 @@ from equiav.atomic import atomic_output
 from equiav.data import status as st
 from equiav.data.lists import check_clip_id
 from equiav.data.media import MediaError, check_media, ffmpeg_bin_dir
+from equiav.data.sources import Source, read_members
 from equiav.data.status import classify_error
+from equiav.data.youtube import YouTubeBlock, YouTubeRate, utc_now
 
 log = logging.getLogger(__name__)
 
 STATUS_COLUMNS = (
-    "clip_id", "split", "labels", "source", "status", "final", "attempts",
+    "clip_id", "split", "labels", "source", "source_name", "status", "final", "attempts",
     "detail", "file", "offset", "duration", "updated",
 )  # fmt: skip
+# The status rows of a clip that no source holds name this source.
+NO_SOURCE = "none"
 
 YOUTUBE_ID = re.compile(r"^[A-Za-z0-9_-]{11}$")
 
@@ -64,6 +72,8 @@ class DownloadSettings:
     socket_timeout: float = 30.0
     block_after: int = 5
     block_pause_minutes: float = 360.0
+    youtube_per_hour: float | None = 250.0
+    youtube_jitter: float = 0.25
     need_audio: bool = True
     need_video: bool = True
 
@@ -95,10 +105,6 @@ def source_kind(source: str) -> str:
     return "path"
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def _js_runtime() -> dict[str, dict]:
     """Point yt-dlp at the deno binary installed beside this Python (YouTube's challenges need it)."""
     deno = shutil.which("deno") or str(Path(sys.executable).with_name("deno"))
@@ -112,13 +118,37 @@ def _put_ffmpeg_on_path() -> None:
         os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
+@dataclass
+class _Outcome:
+    """What one source made of a clip: the status row's fields that differ between sources."""
+
+    source_name: str
+    read: str  # what was read: the YouTube id, URL or path, or <archive>#<member>
+    status: str
+    detail: str
+    attempts: int
+    file: str = ""
+    offset: float = float("nan")
+    duration: float = float("nan")
+
+
 class ShardDownloader:
     """Fetches the clips of one shard into ``media_dir`` and journals their outcomes."""
 
-    def __init__(self, media_dir: str | Path, settings: DownloadSettings, sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        media_dir: str | Path,
+        settings: DownloadSettings,
+        sleep: Callable[[float], None] = time.sleep,
+        sources: list[Source] | None = None,
+    ):
         self.media_dir = Path(media_dir)
         self.settings = settings
         self.sleep = sleep
+        # Without a plan (a shard without candidates) every clip goes to its list's own source.
+        self.sources = sources or [Source(name="youtube", type="youtube")]
+        self._rate = YouTubeRate(settings.youtube_per_hour, settings.youtube_jitter, sleep=sleep)
+        self._members: dict[tuple[str, str], Path | str] = {}
         self.journal_path = self.media_dir / "journal.csv"
         # Attempts work in private folders under here; no clip id can name it (ids are never hidden).
         self.tmp_root = self.media_dir / ".partial"
@@ -136,6 +166,22 @@ class ShardDownloader:
                 if row.get("updated") and row.get("status") in st.VOCABULARY:
                     rows[row["clip_id"]] = row
         return rows
+
+    def _upgrade_journal(self) -> None:
+        """Rewrite a journal written with other columns (before `source_name` existed) in
+        today's, so that rows appended now line up with its header."""
+        if not self.journal_path.exists():
+            return
+        with open(self.journal_path, newline="") as f:
+            header = next(csv.reader(f), None)
+        if header is None or tuple(header) == STATUS_COLUMNS:
+            return
+        rows = list(self.load_journal().values())
+        with atomic_output(self.journal_path, durable=True) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=STATUS_COLUMNS, restval="", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        log.info("rewrote %s in the current columns (%d rows kept)", self.journal_path, len(rows))
 
     def _append(self, row: dict) -> None:
         with self._lock:
@@ -171,17 +217,19 @@ class ShardDownloader:
         shutil.rmtree(self.tmp_root, ignore_errors=True)
         self.tmp_root.mkdir()
         _put_ffmpeg_on_path()
+        self._upgrade_journal()
         done = self.load_journal()
         todo = [row for row in clips.to_dict("records") if not self._is_done(done.get(row["clip_id"]))]
         log.info("%d clips in shard, %d already final, %d to fetch", len(clips), len(clips) - len(todo), len(todo))
         self._block.load()
+        self._read_archives(todo)
         with ThreadPoolExecutor(max_workers=self.settings.workers) as pool:
             for i, row in enumerate(pool.map(self.fetch_clip, todo), 1):
                 if i % 50 == 0 or i == len(todo):
                     log.info("fetched %d/%d (last: %s %s)", i, len(todo), row["clip_id"], row["status"])
         shutil.rmtree(self.tmp_root, ignore_errors=True)
         final = self.load_journal()
-        untried = sum(1 for clip_id in clips["clip_id"] if final[clip_id]["attempts"] == "0")
+        untried = sum(1 for c in clips["clip_id"] if final[c]["attempts"] == "0" and final[c]["status"] in st.BLOCKED)
         if self._block.active and untried:
             log.error("%s", self._block.advice(untried))
         table = pd.DataFrame([final[clip_id] for clip_id in clips["clip_id"]], columns=list(STATUS_COLUMNS))
@@ -192,9 +240,100 @@ class ShardDownloader:
             table[column] = pd.to_numeric(table[column], errors="coerce")
         return table
 
+    def candidates(self, clip: dict) -> list[tuple[Source, str, str]]:
+        """(source, container, member) of each source that holds the clip, in order."""
+        planned = clip.get("candidates")
+        if planned is None or planned == "" or (isinstance(planned, float) and pd.isna(planned)):
+            return [(self.sources[-1], "", "")] if self.sources[-1].type == "youtube" else []
+        return [(self.sources[number], container, member) for number, container, member in json.loads(planned)]
+
+    def _read_archives(self, todo: list[dict]) -> None:
+        """Stream out of each archive, once, the members that are the first candidate of a clip to fetch."""
+        wanted: dict[str, set[str]] = defaultdict(set)
+        for clip in todo:
+            first = self.candidates(clip)[:1]
+            if first and first[0][1]:
+                wanted[first[0][1]].add(first[0][2])
+        for number, (archive, members) in enumerate(sorted(wanted.items())):
+            began = time.perf_counter()
+            got = read_members(archive, members, self.tmp_root / f"archive-{number}")
+            self._members.update({(archive, m): where for m, where in got.items()})
+            read = sum(isinstance(w, Path) for w in got.values())
+            log.info("%s: read %d of %d member(s) in %.1f s", archive, read, len(members), time.perf_counter() - began)
+
     def fetch_clip(self, clip: dict) -> dict:
-        """Fetch one clip with retries for transient failures; journal and return its row."""
+        """Try the clip's sources in order until one serves it; journal and return its row.
+
+        The row is the serving source's; when none serves the clip, the first transient
+        outcome (so that a retry tries again), else the first source's verdict (a damaged
+        archive member stays decode-error, an audio-only copy no-video, whatever YouTube says
+        after); the detail names the outcome of every source tried.
+        """
+        tried: list[_Outcome] = []
+        for source, container, member in self.candidates(clip):
+            if source.type == "youtube":
+                outcome = self._from_list_source(clip, source)
+            else:
+                outcome = self._from_copy(clip, source, container, member)
+            tried.append(outcome)
+            if outcome.status == st.OK:
+                break
+        if not tried:
+            names = ", ".join(s.name for s in self.sources)
+            tried.append(
+                _Outcome(
+                    NO_SOURCE, "", st.UNAVAILABLE, f"in none of the sources ({names}); add {{type: youtube}} at the "
+                    "end of the data set's `sources` to fetch it from the list's own source", 0,
+                )
+            )  # fmt: skip
+        transient = [o for o in tried if o.status not in st.FINAL]
+        decided = tried[-1] if tried[-1].status == st.OK else (transient or tried)[0]
+        detail = decided.detail
+        if len(tried) > 1:
+            detail = "; ".join(f"{o.source_name}: {o.status}" + (f" ({o.detail})" if o.detail else "") for o in tried)
+        row = {
+            "clip_id": clip["clip_id"], "split": clip["split"], "labels": clip["labels"],
+            "source": decided.read, "source_name": decided.source_name, "status": decided.status,
+            "final": decided.status in st.FINAL, "attempts": sum(o.attempts for o in tried),
+            "detail": " ".join(detail.split())[:500], "file": decided.file, "offset": decided.offset,
+            "duration": decided.duration, "updated": utc_now(),
+        }  # fmt: skip
+        self._append(row)
+        return row
+
+    def _from_copy(self, clip: dict, source: Source, container: str, member: str) -> _Outcome:
+        """A copy from a folder (checked in place) or an archive (moved into media_dir once valid)."""
+        start, end = self._segment(clip)
+        duration = float("nan") if end is None else end - start
+        offset = 0.0 if source.trimmed else start
+        read = f"{container}#{member}" if container else member
+        outcome = _Outcome(source.name, read, st.OK, "", 1, offset=offset, duration=duration)
+        try:
+            if not container:
+                if not os.path.isfile(member):
+                    raise FetchError(
+                        st.UNAVAILABLE, f"no such file: {member} (it was catalogued; re-run the catalogue)"
+                    )
+                self._validate(member, offset, duration)
+                outcome.file = member
+                return outcome
+            extracted = self._members.pop((container, member), None)
+            if extracted is None:  # not this clip's first source: read it alone
+                extracted = read_members(container, [member], Path(tempfile.mkdtemp(dir=self.tmp_root)))[member]
+            if isinstance(extracted, str):
+                raise FetchError(st.DECODE_ERROR, extracted)
+            self._validate(str(extracted), offset, duration)
+            file = self.media_dir / f"{clip['clip_id']}{extracted.suffix}"
+            os.replace(extracted, file)
+            outcome.file = str(file)
+        except FetchError as e:
+            outcome.status, outcome.detail = e.status, e.detail
+        return outcome
+
+    def _from_list_source(self, clip: dict, source: Source) -> _Outcome:
+        """The list's own source (YouTube id, URL, path), with retries for transient failures."""
         youtube = source_kind(clip["source"]) == "youtube"
+        name = "youtube" if youtube else source_kind(clip["source"])
         attempts = 0
         file, offset, duration = "", float("nan"), float("nan")
         while True:
@@ -207,8 +346,10 @@ class ShardDownloader:
             attempts += 1
             if self.settings.sleep_seconds:
                 self.sleep(self.settings.sleep_seconds)
+            if youtube:
+                self._rate.wait()
             try:
-                file, offset, duration = self._attempt(clip)
+                file, offset, duration = self._attempt(clip, source)
                 outcome, detail = st.OK, ""
             except FetchError as e:
                 outcome, detail = e.status, e.detail
@@ -222,14 +363,7 @@ class ShardDownloader:
             self.sleep(pause)
         if youtube and attempts:
             self._block.note(outcome)
-        row = {
-            "clip_id": clip["clip_id"], "split": clip["split"], "labels": clip["labels"],
-            "source": clip["source"], "status": outcome, "final": outcome in st.FINAL,
-            "attempts": attempts, "detail": " ".join(detail.split())[:500], "file": file,
-            "offset": offset, "duration": duration, "updated": _now(),
-        }  # fmt: skip
-        self._append(row)
-        return row
+        return _Outcome(name, clip["source"], outcome, detail, attempts, file, offset, duration)
 
     # -- one attempt ---------------------------------------------------------------------
     def _segment(self, clip: dict) -> tuple[float, float | None]:
@@ -238,7 +372,7 @@ class ShardDownloader:
         end = None if end is None or pd.isna(end) or end == "" else float(end)
         return start, end
 
-    def _attempt(self, clip: dict) -> tuple[str, float, float]:
+    def _attempt(self, clip: dict, source: Source) -> tuple[str, float, float]:
         """Return (media file, offset of the segment in it, segment length or NaN); raise FetchError."""
         start, end = self._segment(clip)
         kind = source_kind(clip["source"])
@@ -253,7 +387,7 @@ class ShardDownloader:
         tmp = Path(tempfile.mkdtemp(prefix="attempt-", dir=self.tmp_root))
         try:
             try:
-                fetched, offset = self._fetch(clip, kind, start, end, tmp)
+                fetched, offset = self._fetch(clip, kind, start, end, tmp, source.url)
                 self._validate(str(fetched), offset, duration)
             except FetchError as e:
                 if kind == "youtube" or e.status not in (st.OTHER, st.TOO_SHORT, st.DECODE_ERROR):
@@ -283,13 +417,17 @@ class ShardDownloader:
             return verdict
         return FetchError(st.OTHER, f"the fetched copy was unusable ({error.detail}) but the source reads fine")
 
-    def _fetch(self, clip: dict, kind: str, start: float, end: float | None, tmp: Path) -> tuple[Path, float]:
-        """Fetch with yt-dlp into the folder ``tmp``; return the file and the segment's offset in it."""
+    def _fetch(
+        self, clip: dict, kind: str, start: float, end: float | None, tmp: Path, youtube_url: str
+    ) -> tuple[Path, float]:
+        """Fetch with yt-dlp into the folder ``tmp``; return the file and the segment's offset in it.
+
+        ``youtube_url`` is the page of a YouTube id (``{ytid}`` in it; YouTube's own by default)."""
         import yt_dlp
         from yt_dlp.utils import download_range_func
 
         s = self.settings
-        url = f"https://www.youtube.com/watch?v={clip['source']}" if kind == "youtube" else clip["source"]
+        url = youtube_url.format(ytid=clip["source"]) if kind == "youtube" else clip["source"]
         options: dict[str, Any] = {
             "outtmpl": str(tmp / "clip.%(ext)s"),
             "format": s.format if s.need_video else "ba/b",
@@ -302,7 +440,7 @@ class ShardDownloader:
             "fragment_retries": 0,
             "socket_timeout": s.socket_timeout,
             "ffmpeg_location": str(ffmpeg_bin_dir()),
-            "enable_file_urls": kind == "file",
+            "enable_file_urls": url.startswith("file:"),
             "js_runtimes": _js_runtime(),
             "logger": _YtdlpLogger(clip["clip_id"]),
         }
@@ -363,77 +501,6 @@ class ShardDownloader:
                     )
 
 
-class YouTubeBlock:
-    """Whether YouTube is refusing this host, so that no more clips are asked for.
-
-    A sign-in (bot check) or rate-limit answer on ``block_after`` YouTube clips in a row is
-    about the address, not the clips: the downloader stops asking, and records the rest as
-    not tried (transient). The block is remembered for ``block_pause_minutes`` in a marker
-    file of this host under the user's cache, so that the shard jobs after this one do not
-    ask either.
-    """
-
-    def __init__(self, settings: DownloadSettings):
-        self.settings = settings
-        self.status: str | None = None
-        self.since = ""
-        self._streak = 0
-        self._lock = threading.Lock()
-
-    @property
-    def active(self) -> bool:
-        return self.status is not None
-
-    @staticmethod
-    def marker() -> Path:
-        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        return Path(cache) / "equiav" / f"youtube-blocked-{socket.gethostname()}"
-
-    def load(self) -> None:
-        """Take over a block that an earlier job on this host recorded, while it is fresh."""
-        marker = self.marker()
-        pause = self.settings.block_pause_minutes * 60
-        try:
-            age = time.time() - marker.stat().st_mtime
-            status, since = marker.read_text().split()[:2]
-        except (OSError, ValueError):
-            return
-        if age < pause and status in st.BLOCKED:
-            self.status, self.since = status, since
-            log.warning(
-                "YouTube answered %s on this host at %s; no YouTube clip is asked for until %.0f min have passed "
-                "(delete %s, or set download.block_pause_minutes: 0, to try sooner)",
-                status, since, self.settings.block_pause_minutes, marker,
-            )  # fmt: skip
-
-    def note(self, outcome: str) -> None:
-        """Count a YouTube clip's outcome; start the block after ``block_after`` in a row."""
-        with self._lock:
-            self._streak = self._streak + 1 if outcome in st.BLOCKED else 0
-            if self.status is None and 0 < self.settings.block_after <= self._streak:
-                self.status, self.since = outcome, _now()
-                marker = self.marker()
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text(f"{self.status} {self.since}\n")
-
-    def not_tried(self) -> str:
-        return (
-            f"not tried: YouTube answered {self.status} to {self.settings.block_after} clips in a row on this host "
-            f"(since {self.since}), a block of the address, not of the clip"
-        )
-
-    def advice(self, untried: int) -> str:
-        return (
-            f"YouTube is refusing this host ({self.status} on {self.settings.block_after} clips in a row, since "
-            f"{self.since}): stopped asking; every finished clip is kept and {untried} clip(s) of this shard are "
-            f"recorded as {self.status}, not tried (transient). Wait a few hours, give a cookies.txt in "
-            "download.cookies, or lower the rate (download.workers: 1, download.sleep_seconds); then retry the "
-            "transient clips as docs/data.md says (snakemake ... --forcerun $(python -m equiav transient RESULTS_DIR)). "
-            f"Other jobs on this host skip YouTube for {self.settings.block_pause_minutes:g} min "
-            f"(download.block_pause_minutes; the marker is {self.marker()})"
-        )
-
-
 class _YtdlpLogger:
     """Route yt-dlp's messages into logging (its errors also come back as exceptions)."""
 
@@ -453,14 +520,20 @@ class _YtdlpLogger:
 
 
 def download_shard(
-    shard_csv: str | Path, media_dir: str | Path, out_csv: str | Path, settings: DownloadSettings
+    shard_csv: str | Path,
+    media_dir: str | Path,
+    out_csv: str | Path,
+    settings: DownloadSettings,
+    sources: list[Source] | None = None,
 ) -> pd.DataFrame:
     """Run one shard job: read its clips, fetch them, write the status rows atomically."""
     clips = pd.read_csv(
-        shard_csv, dtype={"clip_id": str, "source": str, "labels": str, "split": str}, keep_default_na=False
+        shard_csv,
+        dtype={"clip_id": str, "source": str, "labels": str, "split": str, "candidates": str},
+        keep_default_na=False,
     )
     clips["end"] = pd.to_numeric(clips["end"], errors="coerce")
-    rows = ShardDownloader(media_dir, settings).run(clips)
+    rows = ShardDownloader(media_dir, settings, sources=sources).run(clips)
     out_csv = Path(out_csv)
     with atomic_output(out_csv) as tmp:
         rows.to_csv(tmp, index=False)

@@ -1,4 +1,8 @@
-"""Stage 1: a data set's lists -> one manifest, its class table, its problems, and its shards."""
+"""Stage 1: a data set's lists -> one manifest, its class table, its problems, and its shards.
+
+With `sources` configured, the shards also say which sources hold each clip (their
+catalogues, equiav.data.sources) and are cut so that the clips of one archive go together.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from equiav.data import lists as L
+from equiav.data.sources import describe_plan, parse_sources, plan_sources, read_catalog
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,8 @@ def parse_list(entry: dict, classes: pd.DataFrame | None) -> tuple[L.ParsedList,
         return L.read_esc50(path, audio_dir)
     if fmt == "speechcommands":
         return L.read_speech_commands(path)
+    if fmt == "msrvtt":
+        return L.read_msrvtt(path, split), None
     if fmt == "user":
         return L.read_user_list(path, split), None
     raise ValueError(f"unknown list format {fmt!r}")
@@ -97,12 +104,29 @@ def build_manifest(dataset: dict, out_dir: str | Path, shards_dir: str | Path) -
     L.write_problems(combined.problems, out_dir / "list_problems.csv")
     classes.to_csv(out_dir / "classes.csv", index=False)
     manifest.to_csv(out_dir / "manifest.csv", index=False)
-    write_shards(manifest, shards_dir, dataset["shard_size"])
+    write_shards(with_sources(manifest, dataset), shards_dir, dataset["shard_size"])
     summary = manifest.groupby("split").size().to_dict()
     log.info(
         "manifest: %d clips (%s), %d classes, %d problems", len(manifest), summary, len(classes), len(combined.problems)
     )
     return manifest
+
+
+def with_sources(manifest: pd.DataFrame, dataset: dict) -> pd.DataFrame:
+    """The manifest in shard order with each clip's candidate sources (column ``candidates``),
+    and what the plan means logged: clips per source, the YouTube share's wall time."""
+    sources = parse_sources("", dataset, check_files=False)
+    catalogs = {s.name: read_catalog(s.catalog) for s in sources if s.catalogued}
+    for name, catalog in catalogs.items():
+        for row in catalog[catalog["damage"] != ""].itertuples():
+            log.warning(
+                "source %s: %s is damaged after %s (%s): the clips it holds beyond that point are not known to it",
+                name, row.container, row.member or "its start", row.damage,
+            )  # fmt: skip
+    plan = plan_sources(manifest, sources, catalogs)
+    for line in describe_plan(plan, sources, dataset.get("download", {}).get("youtube_per_hour")):
+        log.info("sources: %s", line)
+    return manifest.assign(candidates=plan.candidates).iloc[plan.order].reset_index(drop=True)
 
 
 def write_shards(manifest: pd.DataFrame, shards_dir: Path, shard_size: int) -> list[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 from equiav.data.archives import ArchiveError, archive_source
+from equiav.data.sources import archive_files, parse_sources
 
 RESULTS = config["results_dir"]
 DATA = config["data_dir"]
@@ -60,6 +61,32 @@ def archive_of(name):
 ARCHIVES = {n: archive_of(n) for n in config["run"] if "archive" in dataset(n)}
 # Archives unpacked into <data_dir>/<dataset>/archive; a folder is used where it is.
 ARCHIVED = [n for n, (kind, _) in ARCHIVES.items() if kind != "folder"]
+
+
+# The data sets' sources (checked, files included, by validate_config before this).
+SOURCES = {n: parse_sources(n, dataset(n), check_files=False) for n in config["run"]}
+
+
+def catalog_file(name, number):
+    return f"{DATA}/{name}/sources/{number}.csv"
+
+
+def catalogued(name):
+    """Numbers of the data set's sources that have a catalogue (all but youtube)."""
+    return [i for i, s in enumerate(SOURCES.get(name, [])) if s.catalogued]
+
+
+def catalog_inputs(wildcards):
+    """What a catalogue is made from and must follow: an archive source's files, an index file."""
+    source = SOURCES[wildcards.dataset][int(wildcards.number)]
+    files = archive_files(source.path) if source.type == "archive" else []
+    return files + ([source.index] if source.index else [])
+
+
+def source_setting(wildcards):
+    """The source's entry as `equiav catalog --source` takes it."""
+    source = SOURCES[wildcards.dataset][int(wildcards.number)]
+    return json.dumps({k: v for k, v in vars(source).items() if k != "catalog"}, sort_keys=True)
 
 
 def archive_root(name):
@@ -123,6 +150,10 @@ def resolved(name):
             e["audio_dir"] = in_archive(name, e["audio_dir"])
     if classes_file(name):
         d["classes"]["path"] = classes_file(name)
+    if name in SOURCES:
+        d["sources"] = [
+            {**vars(s), "catalog": catalog_file(name, i) if s.catalogued else None} for i, s in enumerate(SOURCES[name])
+        ]
     return d
 
 
@@ -153,6 +184,8 @@ def manifest_inputs(wildcards):
             inputs[f"list{i}"] = e["path"]
     if classes_file(name):
         inputs["classes"] = classes_file(name)
+    for i in catalogued(name):
+        inputs[f"catalog{i}"] = catalog_file(name, i)
     return inputs
 
 

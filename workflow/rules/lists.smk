@@ -53,6 +53,26 @@ rule fetch_archive:
         "python -m equiav fetch-archive {params.source} {params.sha256} --out-dir {output} 2> {log}"
 
 
+# Each source other than youtube is catalogued once: which of its files or archive members
+# serves which clip (a hub source is fetched into the user's cache first). Its archive files
+# are inputs, so a changed or added archive catalogues it again.
+rule catalog:
+    input:
+        catalog_inputs,
+    output:
+        f"{DATA}/{{dataset}}/sources/{{number}}.csv",
+    log:
+        f"{RESULTS}/{{dataset}}/logs/catalog/{{number}}.log",
+    wildcard_constraints:
+        number=r"\d+",
+    conda:
+        "../../envs/data.yaml"
+    params:
+        source=source_setting,
+    shell:
+        "python -m equiav catalog --source {params.source:q} --out {output} 2> {log}"
+
+
 checkpoint manifest:
     input:
         unpack(manifest_inputs),

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from equiav.data.lists.classes import classes_from_labels, read_audioset_classes, read_vggsound_classes
 from equiav.data.lists.combine import check_bad_fraction, combine_lists, write_problems
-from equiav.data.lists.local import read_esc50, read_speech_commands, read_user_list
+from equiav.data.lists.local import read_esc50, read_msrvtt, read_speech_commands, read_user_list
 from equiav.data.lists.rows import (
     MANIFEST_COLUMNS,
     MAX_CLIP_ID_LENGTH,
@@ -56,6 +56,7 @@ __all__ = [
     "read_esc50",
     "read_speech_commands",
     "read_user_list",
+    "read_msrvtt",
     "combine_lists",
     "write_problems",
     "check_bad_fraction",

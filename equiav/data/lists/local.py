@@ -251,3 +251,44 @@ def read_user_list(path: _PathLike, split: str | None = None) -> ParsedList:
     if header is None:
         raise ListError(f"{file}: empty; a user list starts with the header {','.join(_USER_COLUMNS)}")
     return b.result()
+
+
+# MSR-VTT has no classes that retrieval uses: every clip gets this one label.
+MSRVTT_LABEL = "msrvtt"
+
+
+def read_msrvtt(path: _PathLike, split: str | None = None) -> ParsedList:
+    """MSR-VTT's test ids: the 1k-A split's ``MSRVTT_JSFUSION_test.csv`` (``key,vid_key,
+    video_id,sentence``) or a file of one id per line (``test_list_miech.txt``).
+
+    The clip id is the video id (``video7020``), which names the file in MSR-VTT's archive
+    (``videos/all/video7020.mp4``): the list gives no other source. Each clip is its whole
+    video (start 0, no end), split ``test`` unless ``split`` says otherwise, label
+    :data:`MSRVTT_LABEL`. A video listed twice is left to :func:`combine_lists` (an identical
+    repeat is collapsed and reported).
+    """
+    path = Path(path)
+    file = str(path)
+    split = split or "test"
+    b = _Builder(file)
+    column: int | None = None
+
+    def bad_line(line: int, problem: str) -> None:
+        b.unreadable(line, problem)
+
+    for line, row in _rows(path, bad_line):
+        fields = [x.strip() for x in row]
+        if column is None and "video_id" in fields:
+            column = fields.index("video_id")
+            continue
+        b.rows_read += 1
+        if column is not None and len(fields) <= column:
+            b.problem(line, f"expected a video_id in field {column + 1}, found {len(fields)} field(s)")
+            continue
+        video = fields[column] if column is not None else fields[0]
+        problem = check_clip_id(video)
+        if problem is not None:
+            b.problem(line, f"video id {video!r}: {problem}")
+            continue
+        b.add(line, video, video, 0.0, math.nan, MSRVTT_LABEL, split)
+    return b.result()
