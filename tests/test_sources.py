@@ -302,3 +302,29 @@ def test_a_hub_source_that_is_not_in_the_cache_offline_says_what_to_do(tmp_path)
     assert proc.returncode != 0 and not (tmp_path / "c.csv").exists()
     assert "cannot get the dataset repository 'nobody/absent'" in proc.stderr
     assert "must already be in the cache (HF_HOME)" in proc.stderr
+
+
+def test_validate_config_stops_at_a_bad_source_before_any_job(tmp_path):
+    """`equiav validate-config` (and the Snakefile, which calls the same check) names the key."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = {
+        "run": ["vgg"],
+        "datasets": {
+            "vgg": {
+                "lists": [{"format": "vggsound", "path": "vggsound.csv"}],
+                "sources": [{"type": "folder", "path": str(tmp_path / "not_there")}, {"type": "youtube"}],
+            }
+        },
+    }
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.run(
+        [sys.executable, "-m", "equiav", "validate-config", str(tmp_path / "my.yaml")],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "config key 'datasets.vgg.sources.0.path'" in proc.stderr + proc.stdout
+    assert "not a folder" in proc.stderr + proc.stdout
