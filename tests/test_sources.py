@@ -328,3 +328,21 @@ def test_validate_config_stops_at_a_bad_source_before_any_job(tmp_path):
     assert proc.returncode != 0
     assert "config key 'datasets.vgg.sources.0.path'" in proc.stderr + proc.stdout
     assert "not a folder" in proc.stderr + proc.stdout
+
+
+def test_an_index_file_assigns_files_and_members_to_clips(clips, tmp_path):
+    folder = tmp_path / "copies"
+    folder.mkdir()
+    (folder / "anything.mp4").write_bytes(clips["c0"].read_bytes())
+    index = tmp_path / "index.csv"
+    index.write_text("clip_id,path\nclip_a,anything.mp4\nclip_b,inner/b.mp4\n")
+    catalog = write_catalog(Source("copies", "folder", str(folder), index=str(index)), tmp_path / "f.csv")
+    assert catalog[["clip_id", "member"]].values.tolist() == [
+        ["clip_a", str(folder / "anything.mp4")],
+        ["clip_b", str(folder / "inner" / "b.mp4")],  # listed: the download stage reports it missing
+    ]
+    archives = [tar_gz(tmp_path / f"{n}.tar.gz", {f"inner/{n}.mp4": clips["c1"]}) for n in ("a", "b")]
+    source = Source("mirror", "archive", str(tmp_path / "*.tar.gz"), index=str(index))
+    catalog = write_catalog(source, tmp_path / "a.csv")
+    # Only the index rows an archive holds, each under its own archive.
+    assert catalog[["container", "member", "clip_id"]].values.tolist() == [[str(archives[1]), "inner/b.mp4", "clip_b"]]

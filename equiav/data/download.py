@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from equiav.atomic import atomic_output
 from equiav.data import status as st
 from equiav.data.lists import check_clip_id
 from equiav.data.media import MediaError, check_media, ffmpeg_bin_dir
-from equiav.data.sources import Source, read_members
+from equiav.data.sources import Source, is_youtube_id, read_members
 from equiav.data.status import classify_error
 from equiav.data.youtube import YouTubeBlock, YouTubeRate, utc_now
 
@@ -52,8 +51,6 @@ STATUS_COLUMNS = (
 )  # fmt: skip
 # The status rows of a clip that no source holds name this source.
 NO_SOURCE = "none"
-
-YOUTUBE_ID = re.compile(r"^[A-Za-z0-9_-]{11}$")
 
 
 @dataclass(frozen=True)
@@ -93,7 +90,7 @@ class FetchError(Exception):
 
 def source_kind(source: str) -> str:
     """youtube, url (http/https/ftp: fetched in sections), file (file:// URL) or path."""
-    if YOUTUBE_ID.match(source) and not os.path.exists(source):
+    if is_youtube_id(source):
         return "youtube"
     scheme = source.split("://", 1)[0].lower() if "://" in source else ""
     if scheme in ("http", "https", "ftp", "ftps"):

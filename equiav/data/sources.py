@@ -39,10 +39,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from equiav.atomic import atomic_output
+
 log = logging.getLogger(__name__)
 
 SOURCE_TYPES = ("folder", "archive", "hub", "youtube")
-_YTID = r"(?P<ytid>[A-Za-z0-9_-]{11})"
+_YTID_CHARS = r"[A-Za-z0-9_-]{11}"
+_YTID = rf"(?P<ytid>{_YTID_CHARS})"
 _SECONDS = r"\d+(?:\.\d+)?"
 # File-name patterns, matched against the whole name without its suffix. `auto` tries them
 # in this order: the more specific first (an 11-character id is never mistaken for a start).
@@ -60,6 +63,11 @@ CATALOG_COLUMNS = ("container", "member", "clip_id", "ytid", "start_ms", "damage
 YOUTUBE_URL = "https://www.youtube.com/watch?v={ytid}"
 # What a damaged archive raises while it is read: truncated or corrupt compressed data, a bad header.
 _DAMAGE = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError)
+
+
+def is_youtube_id(source: str) -> bool:
+    """Whether a list's source is a YouTube id (11 id characters, and no file of that name here)."""
+    return re.fullmatch(_YTID_CHARS, source) is not None and not os.path.exists(source)
 
 
 class SourceError(ValueError):
@@ -167,8 +175,6 @@ def archive_files(pattern: str) -> list[str]:
 def write_catalog(source: Source, out_csv: str | Path) -> pd.DataFrame:
     """Catalogue a source: one row per media file or member with the clip it serves, and one
     ``damage`` row per archive that cannot be read to its end. Written atomically."""
-    from equiav.atomic import atomic_output
-
     if source.type == "hub":
         root = hub_snapshot(source)
         kind = source.read_as
@@ -188,7 +194,7 @@ def write_catalog(source: Source, out_csv: str | Path) -> pd.DataFrame:
 
 def _catalog_folder(source: Source, folder: str) -> list[tuple]:
     if source.index:
-        return _catalog_index(source, "", lambda path: os.path.join(folder, path))
+        return [("", os.path.join(folder, path), clip_id, "", "", "") for clip_id, path in _read_index(source)]
     rows = []
     for parent, dirs, files in os.walk(folder, followlinks=True):
         dirs.sort()
@@ -199,22 +205,24 @@ def _catalog_folder(source: Source, folder: str) -> list[tuple]:
     return rows
 
 
-def _catalog_index(source: Source, container: str, locate) -> list[tuple]:
+def _read_index(source: Source) -> list[tuple[str, str]]:
+    """(clip_id, path) of each row of the source's index file."""
     index = pd.read_csv(source.index, dtype=str, keep_default_na=False)
     if list(index.columns[:2]) != ["clip_id", "path"]:
         raise SourceError(
             f"{source.index}: an index file starts with the header clip_id,path (found {list(index.columns)})"
         )
-    return [(container, locate(path), clip_id, "", "", "") for clip_id, path in zip(index["clip_id"], index["path"])]
+    return list(zip(index["clip_id"], index["path"]))
 
 
 def _catalog_archives(source: Source, archives: list[str]) -> list[tuple]:
     rows: list[tuple] = []
+    index = _read_index(source) if source.index else []
     for archive in archives:
         members, damage = archive_members(archive)
         if source.index:
             held = set(members)
-            rows += [r for r in _catalog_index(source, archive, lambda p: p) if r[1] in held]
+            rows += [(archive, path, clip_id, "", "", "") for clip_id, path in index if path in held]
         else:
             for member in members:
                 key = match_name(os.path.basename(member), source)
@@ -302,8 +310,7 @@ def plan_sources(manifest: pd.DataFrame, sources: list[Source], catalogs: dict[s
     Shards are cut in the returned order: clips grouped by the first source that serves them,
     an archive's clips in its stored order (one streaming pass per shard), the rest in list order.
     """
-    youtube_ids = manifest["source"].str.fullmatch(r"[A-Za-z0-9_-]{11}") & ~manifest["source"].map(os.path.exists)
-    ytids = manifest["source"].where(youtube_ids, "")
+    ytids = manifest["source"].where(manifest["source"].map(is_youtube_id), "")
     starts = [str(round(float(s) * 1000)) if not _isnan(s) else "" for s in manifest["start"]]
     lookups = [_lookup(catalogs[s.name]) if s.catalogued else None for s in sources]
     candidates, keys, counts = [], [], {s.name: 0 for s in sources} | {"none": 0}
