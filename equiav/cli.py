@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from equiav.options import HelpFormatter, add_settings, setup_logging
+from equiav.options import HelpFormatter, add_settings, read_settings, setup_logging
 
 log = logging.getLogger("equiav.cli")
 
@@ -269,6 +269,25 @@ def _transient(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
+def _check_splits_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True, help="manifest.csv of the run's data set")
+    p.add_argument("--splits", type=read_settings, required=True, metavar="JSON", help="setting -> split names")
+    p.add_argument("--config-key", required=True, help="the run's config key, e.g. finetune.esc50_audio")
+    p.add_argument("--out", required=True, help="where the clips per split go (CSV)")
+
+
+@command("check-splits", "check that every split a run reads has clips in the manifest", _check_splits_args)
+def _check_splits(args: argparse.Namespace) -> None:
+    from equiav.data.manifest import check_run_splits
+
+    try:
+        table = check_run_splits(args.manifest, args.splits, args.config_key)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    table.to_csv(args.out, index=False)
+    log.info("%s reads %s", args.config_key, ", ".join(f"{r.split} ({r.clips} clips)" for r in table.itertuples()))
+
+
 def _norm_args(p: argparse.ArgumentParser) -> None:
     add_settings(p, "the data set's config section")
     p.add_argument("--usable", required=True, help="usable.csv from the availability stage")
@@ -334,6 +353,12 @@ _module_command(
 _module_command(
     "pretrain", STAGE, "pre-train EquiAV on HDF5 features (resumes from its work dir)", "equiav.train.pretrain"
 )
+_module_command(
+    "import-model",
+    STAGE,
+    "a pre-trained model not trained here: the authors' release, MAE, or scratch",
+    "equiav.train.imported",
+)
 _module_command("finetune", STAGE, "fine-tune a pre-trained model and write its metrics", "equiav.train.finetune")
 _module_command(
     "retrieval", STAGE, "zero-shot audio-visual retrieval metrics of a pre-trained model", "equiav.eval.retrieval"
@@ -343,8 +368,8 @@ _module_command("launch", STAGE, "run a training command on the job's GPUs and n
 # The order of `equiav --help`: user commands first, then the stages in pipeline order.
 ORDER = (
     "embed", "retrieve", "validate-config", "transient", "tables", "report",
-    "demo-data", "fetch", "fetch-archive", "catalog", "manifest", "download", "features", "availability", "norm-stats",
-    "pretrain", "finetune", "retrieval", "summary", "launch",
+    "demo-data", "fetch", "fetch-archive", "catalog", "manifest", "check-splits", "download", "features",
+    "availability", "norm-stats", "pretrain", "import-model", "finetune", "retrieval", "summary", "launch",
 )  # fmt: skip
 
 

@@ -115,15 +115,16 @@ def _semantic_problems(config: dict) -> list[str]:
         if name not in datasets:
             known = ", ".join(sorted(datasets)) or "none"
             problems.append(f"config key 'run': {name!r} is not defined under `datasets` (defined: {known})")
+    problems += _pretrain_problems(config)
     for section in ("pretrain", "finetune", "retrieval"):
         for name, run in config.get(section, {}).items():
-            if run["dataset"] not in datasets:
+            if "dataset" in run and run["dataset"] not in datasets:
                 problems.append(
                     f"config key '{section}.{name}.dataset': {run['dataset']!r} is not defined under `datasets`"
                 )
             if section != "pretrain" and run["pretrained"] not in config.get("pretrain", {}):
                 problems.append(
-                    f"config key '{section}.{name}.pretrained': {run['pretrained']!r} is not a `pretrain` run"
+                    f"config key '{section}.{name}.pretrained': {run['pretrained']!r} is not a `pretrain` entry"
                 )
     for name, dataset in datasets.items():
         if not all(ch.isalnum() or ch in "_-" for ch in name):
@@ -161,22 +162,134 @@ def _semantic_problems(config: dict) -> list[str]:
     return problems
 
 
-def check_run_settings(config: dict) -> None:
-    """Build the settings of every training and evaluation run, so a bad field stops the
-    workflow at start-up rather than hours later, when its job finally runs."""
+def _is_audio_only(config: dict, name: str) -> bool:
+    return "video" not in config.get("datasets", {}).get(name, {}).get("modalities", ["audio", "video"])
+
+
+def _pretrain_problems(config: dict) -> list[str]:
+    """A `pretrain` entry trains (`dataset`, audio-visual) or imports (`import`), never both."""
+    problems = []
+    for name, run in config.get("pretrain", {}).items():
+        key = f"config key 'pretrain.{name}"
+        if ("dataset" in run) == ("import" in run):
+            problems.append(
+                f"{key}': give `dataset` (pre-train on that data set) or `import` (take the authors' release, "
+                f"MAE weights or a random initialisation as it is), {'not both' if 'dataset' in run else 'one of them'}"
+            )
+        elif "import" in run and run.get("settings"):
+            problems.append(
+                f"{key}.settings': an imported model is not trained, so it has no pre-training settings; "
+                "drop them (its size is `import.model`)"
+            )
+        elif "dataset" in run and _is_audio_only(config, run["dataset"]):
+            problems.append(
+                f"config key 'pretrain.{name}.dataset': data set {run['dataset']!r} is audio-only (modalities: "
+                "[audio]) and EquiAV pre-trains on audio-visual clips; pre-train on an audio-visual data set, or "
+                f"fine-tune {run['dataset']!r} from an imported model (`pretrain.<name>.import`, docs/training.md)"
+            )
+    return problems
+
+
+def active_runs(config: dict) -> dict[str, dict[str, dict]]:
+    """The runs this configuration makes, by section: `trained` and `imported` (the `pretrain`
+    entries), `finetune`, `retrieval`.
+
+    A run takes part only when its data set is built in this run (presets replace `run`, so the
+    demo's runs, merged in from config.yaml, drop out by themselves) and its pre-trained model
+    takes part; an imported model only when a fine-tuning or retrieval run uses it.
+    """
+    built = set(config.get("run", []))
+    pretrain = config.get("pretrain", {})
+    trained = {n: r for n, r in pretrain.items() if "dataset" in r and r["dataset"] in built}
+    starts = set(trained) | {n for n, r in pretrain.items() if "import" in r}
+    runs = {
+        section: {
+            n: r for n, r in config.get(section, {}).items() if r["dataset"] in built and r["pretrained"] in starts
+        }
+        for section in ("finetune", "retrieval")
+    }
+    used = {r["pretrained"] for section in runs.values() for r in section.values()}
+    imported = {n: r for n, r in pretrain.items() if "import" in r and n in used}
+    return {"trained": trained, "imported": imported, **runs}
+
+
+def run_splits(section: str, run: dict) -> dict[str, list[str]]:
+    """The splits a run reads, by the setting that names them: a pre-training run's `splits`,
+    a fine-tuning run's `train_splits` and `eval_splits` or its cross-validation `folds`, a
+    retrieval run's `split` (``section``: trained, finetune or retrieval, as in active_runs)."""
     from equiav.settings.finetune import FinetuneSettings
     from equiav.settings.pretrain import PretrainSettings
 
+    if section == "trained":
+        return {"splits": list(PretrainSettings.from_dict(run["settings"]).splits)}
+    if section == "finetune":
+        settings = FinetuneSettings.from_dict({"recipe": run["recipe"], **run["settings"]})
+        if settings.folds:
+            return {"folds": list(settings.folds)}
+        return {"train_splits": list(settings.train_splits), "eval_splits": list(settings.eval_splits)}
+    return {"split": [run["split"]]}
+
+
+def _missing_file_problems(config: dict) -> list[str]:
+    """Files that the runs of this configuration read and that are not there (relative paths are
+    read in the workflow's working directory)."""
     problems = []
-    for section, build in (
-        ("pretrain", lambda run: PretrainSettings.from_dict(run["settings"])),
-        ("finetune", lambda run: FinetuneSettings.from_dict({"recipe": run["recipe"], **run["settings"]})),
-    ):
-        for name, run in config.get(section, {}).items():
-            try:
-                build(run)
-            except (TypeError, ValueError, KeyError) as e:
-                problems.append(f"config key '{section}.{name}.settings': {e}")
+    active = active_runs(config)
+    for name, run in active["imported"].items():
+        path = run["import"].get("path")
+        if path is not None and not Path(path).is_file():
+            problems.append(
+                f"config key 'pretrain.{name}.import.path': no file {path!r} (from {Path.cwd()}); give the "
+                f"{'released checkpoint' if run['import']['type'] == 'release' else 'MAE weights file'}'s path"
+            )
+    for name, run in active["trained"].items():
+        weights = run["settings"].get("mae_weights", "hub")
+        if weights not in (None, "hub") and not Path(weights).is_file():
+            problems.append(
+                f"config key 'pretrain.{name}.settings.mae_weights': no file {weights!r} (from {Path.cwd()}); give "
+                "the path of a local copy of timm's vit_base_patch16_224.mae weights, 'hub' (online) or null"
+            )
+    for name, run in active["retrieval"].items():
+        if run["ids"] is not None and not Path(run["ids"]).is_file():
+            problems.append(f"config key 'retrieval.{name}.ids': no file {run['ids']!r} (from {Path.cwd()})")
+    return problems
+
+
+def check_run_settings(config: dict) -> None:
+    """Build the settings of every training and evaluation run and check them against their data
+    sets and files, so that what the configuration alone decides stops the workflow at start-up
+    rather than hours later, when the job finally runs (the splits a run reads are checked
+    against the manifest, rule check_splits)."""
+    from equiav.settings.finetune import FinetuneSettings
+    from equiav.settings.pretrain import ImportSettings, PretrainSettings
+
+    problems = []
+    for name, run in config.get("pretrain", {}).items():
+        try:
+            if "import" in run:
+                ImportSettings.from_dict(run["import"])
+            else:
+                PretrainSettings.from_dict(run["settings"])
+        except (TypeError, ValueError, KeyError) as e:
+            problems.append(f"config key 'pretrain.{name}.{'import' if 'import' in run else 'settings'}': {e}")
+    for name, run in config.get("finetune", {}).items():
+        try:
+            settings = FinetuneSettings.from_dict({"recipe": run["recipe"], **run["settings"]})
+        except (TypeError, ValueError, KeyError) as e:
+            problems.append(f"config key 'finetune.{name}.settings': {e}")
+            continue
+        if settings.modality != "audio" and _is_audio_only(config, run["dataset"]):
+            problems.append(
+                f"config key 'finetune.{name}.settings.modality': {settings.modality!r} needs video, but data set "
+                f"{run['dataset']!r} is audio-only; set modality: audio"
+            )
+    for name, run in config.get("retrieval", {}).items():
+        if _is_audio_only(config, run["dataset"]):
+            problems.append(
+                f"config key 'retrieval.{name}.dataset': audio-visual retrieval needs video, but data set "
+                f"{run['dataset']!r} is audio-only"
+            )
+    problems += _missing_file_problems(config)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 

@@ -49,8 +49,9 @@ from equiav.data.features import FeatureSettings, fbank
 from equiav.data.media import MediaError, decode_clip
 from equiav.data.status import DECODE_ERROR, NO_AUDIO, NO_VIDEO, TOO_SHORT
 from equiav.eval.retrieval import draw_centroid_params
-from equiav.model import EquiAV, ModelConfig, convert_release_state_dict
-from equiav.train.checkpoint import load_export, read_weights_file
+from equiav.model import EquiAV, ModelConfig
+from equiav.train.checkpoint import load_export
+from equiav.train.imported import release_weights
 
 __all__ = [
     "AUDIOSET_MEAN",
@@ -247,16 +248,8 @@ def load_embedding_model(
     """
     path = Path(checkpoint)
     if release:
-        state = read_weights_file(path)
-        if "model_config" in state:
-            raise ValueError(
-                f"{str(path)!r} is an equiav export (it has a model_config), not a release checkpoint; drop --release"
-            )
         config = release_config or ModelConfig.vit_base()
-        weights = state.get("model", state)
-        if not isinstance(weights, Mapping):
-            raise ValueError(f"{str(path)!r} holds no state dict (under 'model' or at the top level)")
-        weights = convert_release_state_dict(weights)
+        weights = release_weights(path)
         stored = None
     else:
         state = load_export(path)

@@ -18,7 +18,8 @@ from equiav.embed import (
     rank_clips,
     save_embeddings,
 )
-from equiav.options import add_device, add_pretrained, add_workers, resolve_device
+from equiav.options import add_device, add_pretrained, add_workers, read_settings, resolve_device
+from equiav.settings.pretrain import model_config_of
 
 __all__ = ["add_embed_arguments", "add_retrieve_arguments", "run_embed", "run_retrieve"]
 
@@ -30,6 +31,12 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     add_pretrained(name, "model.pt of the pre-train stage (or a release file with --release)", required=False)
     name.add_argument("--checkpoint", dest="pretrained", help=argparse.SUPPRESS)
     model.add_argument("--release", action="store_true", help="the file is the authors' release (converted on load)")
+    model.add_argument(
+        "--model",
+        type=read_settings,
+        metavar="JSON",
+        help="with --release: the model's size as a pretrain entry's `model` (default: preset vit_base)",
+    )
     model.add_argument("--mean", type=float, help="fbank normalisation mean (default: the checkpoint's)")
     model.add_argument("--std", type=float, help="fbank normalisation std (default: the checkpoint's)")
     add_device(model)
@@ -43,8 +50,15 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load_from_args(args: argparse.Namespace) -> EmbeddingModel:
+    if args.model is not None and not args.release:
+        raise ValueError("--model is for a release file (--release); an equiav model.pt carries its own size")
     return load_embedding_model(
-        args.pretrained, release=args.release, mean=args.mean, std=args.std, device=resolve_device(args.device)
+        args.pretrained,
+        release=args.release,
+        mean=args.mean,
+        std=args.std,
+        device=resolve_device(args.device),
+        release_config=model_config_of(args.model) if args.model is not None else None,
     )
 
 

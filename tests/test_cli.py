@@ -18,8 +18,8 @@ from equiav.options import read_settings, resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 USER_COMMANDS = ("embed", "retrieve", "validate-config", "transient", "tables", "report")
-STAGES = ("demo-data", "fetch", "fetch-archive", "catalog", "manifest", "download", "features", "availability",
-          "norm-stats", "pretrain", "finetune", "retrieval", "summary", "launch")  # fmt: skip
+STAGES = ("demo-data", "fetch", "fetch-archive", "catalog", "manifest", "check-splits", "download", "features",
+          "availability", "norm-stats", "pretrain", "import-model", "finetune", "retrieval", "summary", "launch")  # fmt: skip
 REPORT_KINDS = ("page", "curves", "finetune-curves", "retrieval-examples", "qualitative")
 INFO = re.compile(r"^\S+ \S+ INFO (equiav[\w.]*): (.*)$", re.MULTILINE)
 
@@ -106,7 +106,16 @@ def test_the_same_things_have_the_same_names() -> None:
     devices = {n: a.default for n, p in leaves.items() for a in p._actions if "--device" in a.option_strings}
     assert devices == dict.fromkeys(("embed", "retrieve", "retrieval", "report qualitative"), "auto")
     settings = {n for n, p in leaves.items() for a in p._actions if "--settings" in a.option_strings}
-    assert settings == {"demo-data", "manifest", "download", "features", "norm-stats", "pretrain", "finetune"}
+    assert settings == {
+        "demo-data",
+        "manifest",
+        "download",
+        "features",
+        "norm-stats",
+        "pretrain",
+        "import-model",
+        "finetune",
+    }
     assert all(a.type is read_settings for p in leaves.values() for a in p._actions if a.dest == "settings")
 
 

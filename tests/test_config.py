@@ -58,6 +58,9 @@ def test_validate_config_and_the_workflow_agree(tmp_path, case):
     if case == "no_frames":
         problem = "config key 'datasets.demo.features.num_frames': 0 frames but `modalities` includes video"
         assert problem in checked.stderr and problem in run.stdout + run.stderr
+    elif case == "audio_only":  # merged as a list: the demo's pre-training now reads an audio-only set
+        problem = "config key 'pretrain.demo.dataset': data set 'demo' is audio-only"
+        assert problem in checked.stderr and problem in run.stdout + run.stderr
     else:
         assert checked.returncode == 0 and checked.stdout.strip() == "valid: run demo", checked.stderr
 
@@ -96,3 +99,106 @@ def test_the_release_switches_are_pretraining_settings(tmp_path):
     checked = validate(small_demo_config(tmp_path), given, cwd=tmp_path)
     assert checked.returncode == 2
     assert "config key 'pretrain.demo.settings'" in checked.stderr and "'release_clamps'" in checked.stderr
+
+
+def problems_of(tmp_path, change: dict) -> str:
+    """validate-config's message for the small demo configuration with ``change`` on top ("" when valid)."""
+    given = tmp_path / "change.yaml"
+    given.write_text(yaml.safe_dump(change))
+    checked = validate(small_demo_config(tmp_path), given, cwd=tmp_path)
+    return "" if checked.returncode == 0 else checked.stderr
+
+
+IMPORT_CASES = {
+    "both": (
+        {"pretrain": {"demo": {"import": {"type": "scratch"}}}},
+        "config key 'pretrain.demo': give `dataset` (pre-train on that data set) or `import`",
+    ),
+    "neither": (
+        {"pretrain": {"x": {"settings": {}}}},
+        "config key 'pretrain.x': give `dataset` (pre-train on that data set) or `import`",
+    ),
+    "settings": (
+        {"pretrain": {"x": {"import": {"type": "scratch"}, "settings": {"epochs": 3}}}},
+        "config key 'pretrain.x.settings': an imported model is not trained",
+    ),
+    "no release path": (
+        {"pretrain": {"x": {"import": {"type": "release"}}}},
+        "config key 'pretrain.x.import': type 'release' needs `path`",
+    ),
+    "scratch with a file": (
+        {"pretrain": {"x": {"import": {"type": "scratch", "path": "w.pth"}}}},
+        "type 'scratch' reads no weights: drop `path`",
+    ),
+    "bad model": (
+        {"pretrain": {"x": {"import": {"type": "scratch", "model": {"preset": "huge"}}}}},
+        "config key 'pretrain.x.import': model preset 'huge'",
+    ),
+    "missing file of a used import": (
+        {
+            "pretrain": {"x": {"import": {"type": "release", "path": "gone.pth"}}},
+            "finetune": {"demo_audio": {"pretrained": "x"}},
+        },
+        "config key 'pretrain.x.import.path': no file 'gone.pth'",
+    ),
+    "visual on audio only": (
+        {
+            "datasets": {"a": {"lists": [{"format": "user", "path": "l.csv"}], "modalities": ["audio"],
+                               "features": {"num_frames": 0}}},
+            "finetune": {"v": {"pretrained": "demo", "dataset": "a", "settings": {"modality": "visual"}}},
+        },
+        "config key 'finetune.v.settings.modality': 'visual' needs video, but data set 'a' is audio-only",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", IMPORT_CASES)
+def test_pretrain_entries_that_cannot_be_made_are_named(tmp_path, case):
+    change, problem = IMPORT_CASES[case]
+    assert problem in problems_of(tmp_path, change)
+
+
+def test_an_unused_import_needs_no_file_and_a_used_one_is_planned(tmp_path):
+    """An import no run uses is not made (so its file need not be there yet); one a fine-tuning
+    run uses is a job of the plan, and that run waits for it."""
+    (tmp_path / "released.pth").write_bytes(b"")
+    release = {"type": "release", "path": "released.pth", "model": {"preset": "tiny"}}
+    change = {"pretrain": {"spare": {"import": {**release, "path": "later.pth"}}, "released": {"import": release}},
+              "finetune": {"demo_audio-released": {"pretrained": "released", "dataset": "demo"}}}  # fmt: skip
+    assert problems_of(tmp_path, change) == ""
+    given = tmp_path / "change.yaml"
+    run = snakemake("-n", "--directory", str(tmp_path), "--configfile", str(small_demo_config(tmp_path)), str(given))
+    counts = job_counts(run.stdout + run.stderr)
+    assert counts["import_model"] == 1 and counts["finetune"] == 4 and counts["pretrain"] == 1
+    assert "results/pretrain/spare" not in run.stdout
+
+
+def test_the_released_preset_plans_imports_and_no_pre_training(tmp_path):
+    """README "Evaluate the authors' checkpoint": the command with a file naming the checkpoint
+    plans the two imports and their runs; without it, the missing file is named before any job.
+    The MSR-VTT preset's retrieval takes the release too (its header)."""
+    (tmp_path / "ckpt.pth").write_bytes(b"")
+    paths = tmp_path / "my_paths.yaml"
+    paths.write_text(yaml.safe_dump({"pretrain": {"released": {"import": {"path": "ckpt.pth"}}}}))
+    presets = [
+        str(REPO / "workflow" / "presets" / f"{name}.yaml")
+        for name in ("audioset_20k", "vggsound", "esc50", "released")
+    ]
+    run = snakemake("-n", "--directory", str(tmp_path), "--configfile", *presets, str(paths), cwd=REPO)
+    counts = job_counts(run.stdout + run.stderr)
+    assert counts["import_model"] == 2 and counts["finetune"] == 8 and counts["retrieval"] == 4
+    assert "pretrain" not in counts
+    missing = snakemake("-n", "--directory", str(tmp_path), "--configfile", *presets, cwd=REPO, check=False)
+    assert missing.returncode != 0
+    assert (
+        "config key 'pretrain.released.import.path': no file 'EquiAV_pretrained.pth'" in missing.stdout + missing.stderr
+    )
+
+    msrvtt = tmp_path / "msrvtt.yaml"
+    release = {"type": "release", "path": "ckpt.pth"}
+    msrvtt.write_text(yaml.safe_dump({"pretrain": {"released": {"import": release}},
+                                      "retrieval": {"msrvtt": {"pretrained": "released"}}}))  # fmt: skip
+    (tmp_path / "MSRVTT.zip").write_bytes(b"")
+    (tmp_path / "MSRVTT_JSFUSION_test.csv").write_text("key,vid_key,video_id,sentence\n")
+    checked = validate(REPO / "workflow/presets/msrvtt.yaml", msrvtt, cwd=tmp_path, extra=())
+    assert checked.returncode == 0 and checked.stdout.strip() == "valid: run msrvtt", checked.stderr

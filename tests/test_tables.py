@@ -216,3 +216,52 @@ def test_a_data_only_run_writes_the_tables_with_its_clips(tmp_path):
     assert cells["ours"].isna().all() and cells["paper"].notna().any()
     assert "| audioset | eval | 50 | 45 | 90.0 |" in (out / "table1.md").read_text()
     assert not (out / "demo.md").exists()
+
+
+def started(results: Path, task: str, run: str, start: str, kind: str) -> None:
+    """Add the starting point a metrics file of the workflow names."""
+    path = results / task / run / "metrics.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "start": {"run": start, "type": kind}}))
+
+
+def test_a_row_per_starting_point_in_the_order_of_the_kinds(tmp_path):
+    results = tmp_path / "results"
+    for run, start, kind, value in (
+        ("audioset_20k_audio-mae", "mae", "mae", 0.20),
+        ("audioset_20k_audio", "equiav", "pretrain", 0.41),
+        ("audioset_20k_visual-released", "released", "release", 0.25),
+        ("audioset_20k_audio-released", "released", "release", 0.40),
+    ):
+        finetune_metrics(results, run, value)
+        started(results, "finetune", run, start, kind)
+    retrieval_metrics(results, "vggsound-released", 0.1)
+    started(results, "retrieval", "vggsound-released", "released", "release")
+    out = tmp_path / "tables"
+    assert equiav_main(["tables", "--results", str(results), "--out-dir", str(out)]) == 0
+    frame = pd.read_csv(out / "table1.csv")
+    ours = frame[frame["kind"] == "ours"]
+    assert list(dict.fromkeys(ours["start"])) == ["equiav", "released", "mae"]
+    released = "EquiAV · from released (the authors' released checkpoint)"
+    assert cell(frame, released, "AudioSet-20K A")["ours"] == pytest.approx(40.0)
+    assert cell(frame, released, "AudioSet-20K V")["run"] == "audioset_20k_visual-released"
+    assert pd.isna(cell(frame, released, "AudioSet-20K A-V")["ours"])
+    assert cell(frame, "EquiAV · from mae (MAE ImageNet weights, no EquiAV pre-training)", "AudioSet-20K A")[
+        "difference"
+    ] == pytest.approx(20.0 - 42.4)
+    assert cell(frame, "EquiAV · from equiav (pre-trained here)", "AudioSet-20K A")["ours"] == pytest.approx(41.0)
+    # Table 3: a row with a run shows its start; rows without any run keep their plain label, once.
+    t3 = pd.read_csv(out / "table3.csv")
+    labels = list(dict.fromkeys(t3[t3["kind"] == "ours"]["row"]))
+    assert labels == ["MSR-VTT / EquiAV", "AudioSet / EquiAV", f"VGGSound / {released}"]
+    assert cell(t3, f"VGGSound / {released}", "V2A R@1")["ours"] == pytest.approx(10.0)
+    assert "table1" in tables.planned_tables(["audioset_20k_audio-mae"], [])
+
+
+def test_two_runs_of_one_cell_from_one_model_are_refused(tmp_path, capsys):
+    results = tmp_path / "results"
+    for run in ("esc50_audio-a", "esc50_audio-b"):
+        finetune_metrics(results, run, 0.9, metric="accuracy")
+        started(results, "finetune", run, "released", "release")
+    assert equiav_main(["tables", "--results", str(results), "--out-dir", str(tmp_path / "t")]) == 2
+    assert "finetune runs 'esc50_audio-a' and 'esc50_audio-b' both fill 'EquiAV' / 'ESC-50'" in capsys.readouterr().err

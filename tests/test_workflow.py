@@ -110,6 +110,7 @@ STAGE_RESULTS = {
     "logs/summary.log": r"equiav\.cli: 9 metric\(s\) of 4 file\(s\)",
     "logs/tables.log": r"equiav\.eval\.tables: wrote .+tables\.md and \d+ table\(s\)",
     "logs/report/*.log": r"equiav\.eval\.report: report [\w-]+: wrote .+\.(html|png)",
+    "*/*/check_splits.log": r"equiav\.cli: (pretrain|finetune|retrieval)\.\w+ reads \w+ \(\d+ clips\)",
     "pretrain/*/pretrain.log": r"equiav\.train\.pretrain: wrote .+model\.pt after \d+ steps",
     "finetune/*/finetune.log": r"equiav\.train\.finetune: accuracy = [\d.]+ \(chance 0\.3333\) -> .+metrics\.json",
     "retrieval/*/retrieval.log": r"equiav\.eval\.retrieval: 6 clips: V2A R@1/5/10 [\d.]+/[\d.]+/[\d.]+, A2V",

@@ -138,3 +138,26 @@ def write_shards(manifest: pd.DataFrame, shards_dir: Path, shard_size: int) -> l
         manifest.iloc[first : first + shard_size].to_csv(shards_dir / f"{name}.csv", index=False)
         names.append(name)
     return names
+
+
+def check_run_splits(manifest_path: str | Path, splits: dict[str, list[str]], run: str) -> pd.DataFrame:
+    """The clips of the manifest in each split the run reads (columns setting, split, clips); a
+    ValueError naming every split without a clip, the setting to fix and the splits there are.
+
+    ``splits``: setting name -> split names (equiav.config.run_splits); ``run``: the run's config
+    key (``finetune.esc50_audio``), for the message.
+    """
+    counts = pd.read_csv(manifest_path, usecols=["split"], dtype=str, keep_default_na=False)["split"].value_counts()
+    rows = [(setting, split, int(counts.get(split, 0))) for setting, names in splits.items() for split in names]
+    table = pd.DataFrame(rows, columns=["setting", "split", "clips"])
+    empty = table[table["clips"] == 0]
+    if not empty.empty:
+        section = run.split(".", 1)[0]
+        keys = sorted({f"{run}.{s}" if section == "retrieval" else f"{run}.settings.{s}" for s in empty["setting"]})
+        present = ", ".join(f"{split} ({n})" for split, n in sorted(counts.items())) or "none"
+        raise ValueError(
+            f"{run} reads split(s) {', '.join(map(repr, empty['split']))}, but the manifest {manifest_path} has no "
+            f"clip in them (its splits: {present}); fix config key {' / '.join(map(repr, keys))} to name splits "
+            "of the list, or the list that should hold them"
+        )
+    return table

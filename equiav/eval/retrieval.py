@@ -39,7 +39,7 @@ from equiav.options import (
     add_workers,
     resolve_device,
 )
-from equiav.train.checkpoint import load_export
+from equiav.train.checkpoint import load_export, starting_point
 
 __all__ = [
     "MATCH_COLUMNS",
@@ -306,6 +306,7 @@ def retrieval(
         "v2a": _direction_metrics(visual, audio),
         "a2v": _direction_metrics(audio, visual),
         "pretrained": str(pretrained),
+        "start": starting_point(weights, pretrained),
     }
     matches = pd.concat(
         [

@@ -11,6 +11,9 @@ Every cell of a table is tied to one metric of one run through the run names of 
   ``ablation_<variant>_<m>`` (workflow/presets/ablation.yaml);
 - a ``demo`` table: ``demo_<m>`` and retrieval ``demo`` (config.yaml), with no paper column.
 
+A run named ``<name>-<tag>`` fills the cells of ``<name>`` too (``esc50_audio-mae``): a table row is
+shown once per starting point of its runs (the pre-trained model a metrics file names: trained
+here, the authors' release, MAE, scratch), labelled with it, so that one table compares them.
 A metric file's run is the name of the folder it is in (``results/finetune/<run>/metrics.json``),
 a data set's availability report is ``results/<dataset>/availability.csv``. Metrics are
 fractions; the tables show percent (mAP x 100, accuracy %, R@k %) as the paper does. The main
@@ -36,7 +39,7 @@ import logging
 import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,7 +68,14 @@ __all__ = [
 Task = Literal["finetune", "retrieval"]
 MODALITIES: tuple[tuple[str, str], ...] = (("audio", "A"), ("visual", "V"), ("audiovisual", "A-V"))
 OK_STATUS = "ok"
-CELL_COLUMNS = ["table", "row", "column", "kind", "task", "run", "paper", "ours", "difference"]
+CELL_COLUMNS = ["table", "row", "column", "kind", "task", "run", "start", "paper", "ours", "difference"]
+# How a row names its starting point (the `type` of the model's origin, equiav.train.checkpoint).
+START_KINDS = {
+    "pretrain": "pre-trained here",
+    "release": "the authors' released checkpoint",
+    "mae": "MAE ImageNet weights, no EquiAV pre-training",
+    "scratch": "random initialisation, no pre-training",
+}
 CLIP_COLUMNS = ["dataset", "split", "what", "run", "clips"]
 
 
@@ -105,8 +115,30 @@ class TableSpec:
         return [s for row in self.rows for s in row.sources.values()]
 
     def runs(self) -> set[tuple[str, str]]:
-        """(task, run) of every run the table reads."""
+        """(task, run) of every run the table reads (a run ``<run>-<tag>`` fills the same cells)."""
         return {(s.task, s.run) for s in self.sources()}
+
+
+def cell_run(run: str) -> str:
+    """The run name whose cells a run fills: ``esc50_audio-mae`` fills ``esc50_audio``'s."""
+    return run.partition("-")[0]
+
+
+def start_of(data: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(pre-train run, origin type) of a metrics file; None for a file that names no model."""
+    start = data.get("start")
+    if isinstance(start, Mapping) and start.get("run"):
+        return str(start["run"]), str(start.get("type", "pretrain"))
+    if data.get("pretrained"):  # metrics written before starting points were recorded
+        return Path(str(data["pretrained"])).parent.name, "pretrain"
+    return None
+
+
+def _row_label(label: str, start: tuple[str, str] | None) -> str:
+    if start is None:
+        return label
+    run, kind = start
+    return f"{label} · from {run} ({START_KINDS.get(kind, kind)})"
 
 
 @dataclass(frozen=True)
@@ -118,6 +150,7 @@ class Cell:
     run: str | None
     paper: float | None
     ours: float | None
+    start: str | None = None  # the pre-train run (trained or imported) the number comes from
 
     @property
     def difference(self) -> float | None:
@@ -136,7 +169,18 @@ class TableResult:
 
     def cells_frame(self) -> pd.DataFrame:
         rows = [
-            (self.spec.key, c.row, c.column, c.kind, c.task, c.run, c.paper, _round(c.ours), _round(c.difference))
+            (
+                self.spec.key,
+                c.row,
+                c.column,
+                c.kind,
+                c.task,
+                c.run,
+                c.start,
+                c.paper,
+                _round(c.ours),
+                _round(c.difference),
+            )
             for c in self.cells
         ]
         return pd.DataFrame(rows, columns=CELL_COLUMNS)
@@ -300,7 +344,7 @@ MAIN_TABLES = ("table1", "table2", "table3")
 
 def planned_tables(finetune_runs: Iterable[str], retrieval_runs: Iterable[str]) -> list[str]:
     """Keys of the tables written for these runs: the main tables and every table one of them fills."""
-    present = {("finetune", r) for r in finetune_runs} | {("retrieval", r) for r in retrieval_runs}
+    present = {("finetune", cell_run(r)) for r in finetune_runs} | {("retrieval", cell_run(r)) for r in retrieval_runs}
     return [t.key for t in TABLES if t.key in MAIN_TABLES or t.runs() & present]
 
 
@@ -369,15 +413,24 @@ def _value(source: Source, data: Mapping[str, Any]) -> float:
     return 100.0 * float(value)
 
 
+def _filling(spec: TableSpec, metrics: Mapping[tuple[str, str], Mapping[str, Any]]) -> dict[tuple[str, str], Source]:
+    """(task, run) of every metrics file that fills a cell of the table -> the cell's source."""
+    return {
+        (task, run): source
+        for source in spec.sources()
+        for task, run in metrics
+        if task == source.task and cell_run(run) == source.run
+    }
+
+
 def _clip_rows(spec: TableSpec, metrics: Mapping[tuple[str, str], Mapping[str, Any]],
                availability: Mapping[str, pd.DataFrame]) -> tuple[pd.DataFrame, list[str]]:  # fmt: skip
     rows: list[tuple[str, str, str, str, int]] = []
     datasets: dict[str, None] = {}
     used: dict[tuple[str, str], str] = {}
-    for s in spec.sources():
-        if (s.task, s.run) in metrics:
-            datasets.setdefault(s.dataset)
-            used.setdefault((s.task, s.run), s.dataset)
+    for key, s in _filling(spec, metrics).items():
+        datasets.setdefault(s.dataset)
+        used.setdefault(key, s.dataset)
     missing = [d for d in datasets if d not in availability]
     # A data set obtained without a run yet (a data-only run) still shows its counts.
     for s in spec.sources():
@@ -404,35 +457,59 @@ def _clip_rows(spec: TableSpec, metrics: Mapping[tuple[str, str], Mapping[str, A
     return pd.DataFrame(rows, columns=CLIP_COLUMNS), missing
 
 
+def _rows_by_start(row: RowSpec, metrics: Mapping[tuple[str, str], Mapping[str, Any]]
+                   ) -> dict[tuple[str, str] | None, dict[str, str]]:  # fmt: skip
+    """The row's runs grouped by starting point: start -> column -> the run that fills it."""
+    by_start: dict[tuple[str, str] | None, dict[str, str]] = {}
+    for column, source in row.sources.items():
+        for task, run in sorted(metrics):
+            if task != source.task or cell_run(run) != source.run:
+                continue
+            start = start_of(metrics[(task, run)])
+            earlier = by_start.setdefault(start, {}).get(column)
+            if earlier is not None:
+                raise ValueError(
+                    f"{task} runs {earlier!r} and {run!r} both fill {row.label!r} / {column!r} from the same "
+                    f"starting point {start[0] if start else '(none named)'!r}: drop one, or start it elsewhere"
+                )
+            by_start[start][column] = run
+    return dict(sorted(by_start.items(), key=lambda item: _start_order(item[0])))
+
+
+def _start_order(start: tuple[str, str] | None) -> tuple[int, str]:
+    """Rows in the order of START_KINDS (trained here first), then by pre-train run."""
+    if start is None:
+        return -1, ""
+    run, kind = start
+    kinds = list(START_KINDS)
+    return (kinds.index(kind) if kind in kinds else len(kinds)), run
+
+
 def build_table(spec: TableSpec, metrics: Mapping[tuple[str, str], Mapping[str, Any]],
                 availability: Mapping[str, pd.DataFrame]) -> TableResult | None:  # fmt: skip
     """The table's cells and clip counts, or None when none of its runs has a metric file
-    (never for the main tables)."""
-    if not spec.runs() & set(metrics) and spec.key not in MAIN_TABLES:
+    (never for the main tables). A row is shown once per starting point of the runs filling it
+    (once, with empty cells, when none has run)."""
+    present = {(task, cell_run(run)) for task, run in metrics}
+    if not spec.runs() & present and spec.key not in MAIN_TABLES:
         return None
     cells: list[Cell] = []
     for row in spec.rows:
-        for column, paper_value in zip(spec.columns, row.paper):
-            source = row.sources.get(column)
-            ours = None
-            if source is not None and (source.task, source.run) in metrics:
-                ours = _value(source, metrics[(source.task, source.run)])
-            cells.append(
-                Cell(
-                    row.label,
-                    column,
-                    "ours",
-                    source.task if source else None,
-                    source.run if source else None,
-                    paper_value,
-                    ours,
-                )  # fmt: skip
-            )
+        for start, runs in (_rows_by_start(row, metrics) or {None: {}}).items():
+            label = _row_label(row.label, start)
+            for column, paper_value in zip(spec.columns, row.paper):
+                source = row.sources.get(column)
+                run = runs.get(column, source.run if source else None)
+                ours = None
+                if source is not None and column in runs:
+                    ours = _value(replace(source, run=run), metrics[(source.task, run)])
+                task = source.task if source else None
+                cells.append(Cell(label, column, "ours", task, run, paper_value, ours, start[0] if start else None))
     for label, values in spec.references.items():
         for column, paper_value in zip(spec.columns, values):
             cells.append(Cell(label, column, "reference", None, None, paper_value, None))
     clips, missing_availability = _clip_rows(spec, metrics, availability)
-    missing_runs = sorted(f"{task} {run}" for task, run in spec.runs() - set(metrics))
+    missing_runs = sorted(f"{task} {run}" for task, run in spec.runs() - present)
     return TableResult(spec, cells, clips, missing_runs, missing_availability)
 
 

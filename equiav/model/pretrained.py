@@ -34,11 +34,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MAE_MODEL_NAME", "MAELoadReport", "load_mae_weights", "read_mae_state_dict"]
+from equiav.settings.pretrain import MAE_TIMM_MODEL
+
+__all__ = ["MAE_MODEL_NAME", "MAELoadReport", "load_mae_weights", "read_mae_state_dict", "timm_state_dict"]
 
 log = logging.getLogger(__name__)
 
-MAE_MODEL_NAME = "vit_base_patch16_224.mae"
+MAE_MODEL_NAME = MAE_TIMM_MODEL
 _TOWERS = ("audio_encoder", "visual_encoder")
 
 
@@ -62,6 +64,21 @@ class MAELoadReport:
         )
 
 
+def timm_state_dict(name: str) -> dict[str, Tensor]:
+    """A timm model's pre-trained weights, which timm fetches through the Hugging Face hub (or
+    reads from its cache); a ValueError saying what to do where that fails (offline, say)."""
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0).state_dict()
+    except (OSError, RuntimeError, ValueError) as err:  # offline and not cached, unknown name, ...
+        raise ValueError(
+            f"timm could not give the weights of {name!r} ({type(err).__name__}: {err}); where this machine "
+            f"has no network, download them elsewhere (`hf download timm/{name} model.safetensors`) and give "
+            "that local file instead"
+        ) from err
+
+
 def read_mae_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The MAE encoder state dict from a file, the model hub, or a mapping.
 
@@ -80,9 +97,7 @@ def read_mae_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> dic
     if isinstance(source, Mapping):
         return dict(source)
     if source == "hub":
-        import timm
-
-        return timm.create_model(MAE_MODEL_NAME, pretrained=True, num_classes=0).state_dict()
+        return timm_state_dict(MAE_MODEL_NAME)
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(

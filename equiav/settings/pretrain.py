@@ -13,7 +13,16 @@ from equiav.settings import PRECISIONS, reject_unknown_keys
 from equiav.settings.augment import AudioAugmentConfig
 from equiav.settings.model import ModelConfig
 
-__all__ = ["AUDIO_AUGMENT_SWITCHES", "MODEL_PRESETS", "RESUMABLE_CHANGES", "STRATEGIES", "PretrainSettings"]
+__all__ = [
+    "AUDIO_AUGMENT_SWITCHES",
+    "IMPORT_TYPES",
+    "MODEL_PRESETS",
+    "RESUMABLE_CHANGES",
+    "STRATEGIES",
+    "ImportSettings",
+    "PretrainSettings",
+    "model_config_of",
+]
 
 STRATEGIES: tuple[str, ...] = ("joint", "two_stage", "alternating")
 MODEL_PRESETS: dict[str, Any] = {"vit_base": ModelConfig.vit_base, "tiny": ModelConfig.tiny}
@@ -25,6 +34,21 @@ AUDIO_AUGMENT_SWITCHES: tuple[str, ...] = tuple(
 # Settings that may differ between a checkpoint and the run that resumes it: they change how
 # often things are written or how data is loaded, never what is computed.
 RESUMABLE_CHANGES: tuple[str, ...] = ("num_workers", "log_every", "checkpoint_every", "keep_checkpoints")
+# timm's name of the MAE ImageNet-1k ViT-B/16 encoder (equiav.model.pretrained.MAE_MODEL_NAME).
+MAE_TIMM_MODEL = "vit_base_patch16_224.mae"
+
+
+def model_config_of(model: Mapping[str, Any]) -> ModelConfig:
+    """The ModelConfig of a `model` section: {"preset": "vit_base" | "tiny", other ModelConfig
+    fields as overrides}."""
+    if not isinstance(model, Mapping):
+        raise ValueError(f"model must be a mapping like {{'preset': 'vit_base'}}, got {model!r}")
+    overrides = dict(model)
+    preset = overrides.pop("preset", "vit_base")
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"model preset {preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
+    reject_unknown_keys(ModelConfig, overrides, "model setting(s)")
+    return MODEL_PRESETS[preset](**overrides)
 
 
 @dataclass(frozen=True)
@@ -171,13 +195,71 @@ class PretrainSettings:
 
     def model_config(self) -> ModelConfig:
         """The ModelConfig of ``model``: the preset with the other keys as overrides."""
-        overrides = dict(self.model)
-        preset = overrides.pop("preset", "vit_base")
-        if preset not in MODEL_PRESETS:
-            raise ValueError(f"model preset {preset!r}; choose one of {', '.join(MODEL_PRESETS)}")
-        reject_unknown_keys(ModelConfig, overrides, "model setting(s)")
-        return MODEL_PRESETS[preset](**overrides)
+        return model_config_of(self.model)
 
     def audio_augment_config(self) -> AudioAugmentConfig:
         """The AudioAugmentConfig training draws from: the paper's, with ``audio_augment``'s switches."""
         return AudioAugmentConfig(**self.audio_augment)
+
+
+# Where an imported (not trained) pre-trained model comes from (ImportSettings.type).
+IMPORT_TYPES: tuple[str, ...] = ("release", "mae", "scratch")
+
+
+@dataclass(frozen=True)
+class ImportSettings:
+    """A pre-trained model taken as it is instead of trained (a `pretrain` entry's `import`).
+
+    type: "release" (the authors' released EquiAV checkpoint, converted), "mae" (MAE ViT-B/16
+        ImageNet weights in both towers, the predictors and heads freshly initialised: the
+        paper's initialisation without EquiAV pre-training) or "scratch" (random initialisation).
+    path: release: the checkpoint file (required); mae: a local weights file with timm's ViT
+        key names (timm's model.safetensors, or MAE's own mae_pretrain_vit_base.pth).
+    timm_model: mae without `path`: a timm model name whose weights timm fetches through the
+        Hugging Face hub (cached in the user's hub cache; offline only when cached there).
+    model: the model's size, as pre-training's `model` ({"preset": "vit_base" | "tiny", overrides}):
+        the release's and MAE's weights fit vit_base.
+    seed: the initialisation of what the file does not hold (mae: predictors, heads; scratch: all).
+    """
+
+    type: str
+    path: str | None = None
+    timm_model: str | None = None
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "vit_base"})
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", dict(self.model) if isinstance(self.model, Mapping) else self.model)
+        if self.type == "mae" and self.path is None and self.timm_model is None:
+            object.__setattr__(self, "timm_model", MAE_TIMM_MODEL)
+        problems = []
+        if self.type not in IMPORT_TYPES:
+            problems.append(f"type={self.type!r}; choose one of {', '.join(IMPORT_TYPES)}")
+        for name in ("path", "timm_model"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                problems.append(f"{name} must be a non-empty string, got {value!r}")
+        if self.type == "release" and self.path is None:
+            problems.append("type 'release' needs `path`: the released checkpoint file")
+        if self.type == "mae" and self.path is not None and self.timm_model is not None:
+            problems.append("type 'mae' takes `path` (a local file) or `timm_model` (a timm name), not both")
+        if self.type == "release" and self.timm_model is not None:
+            problems.append("`timm_model` is for type 'mae'; a release checkpoint is a local file (`path`)")
+        if self.type == "scratch" and (self.path is not None or self.timm_model is not None):
+            problems.append("type 'scratch' reads no weights: drop `path` and `timm_model`")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            problems.append(f"seed must be an integer >= 0, got {self.seed!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        model_config_of(self.model)  # an invalid model section fails here, with ModelConfig's message
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ImportSettings:
+        reject_unknown_keys(cls, values, "import setting(s)")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def model_config(self) -> ModelConfig:
+        return model_config_of(self.model)

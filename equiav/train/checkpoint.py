@@ -265,3 +265,13 @@ def load_export(path: str | os.PathLike[str]) -> dict[str, Any]:
     except (TypeError, ValueError) as err:
         raise ValueError(f"{str(path)!r}: its model_config is not a valid ModelConfig: {err}") from err
     return state
+
+
+def starting_point(export: Mapping[str, Any], path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Where an exported model came from, as fine-tuning and retrieval metrics record it (the
+    tables name their rows by it): ``run``, the pre-train run (the folder of its model.pt), and
+    the export's ``origin`` (``type`` pretrain, release, mae or scratch, and its file or seed)."""
+    origin = export.get("origin")
+    # Exports written before origins were recorded came from pre-training.
+    origin = dict(origin) if isinstance(origin, Mapping) else {"type": "pretrain"}
+    return {"run": Path(path).resolve().parent.name, **origin}

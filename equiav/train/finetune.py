@@ -34,7 +34,7 @@ from equiav.data.store import FeatureDataset
 from equiav.model import EquiAVClassifier, ModelConfig
 from equiav.options import add_dataset_inputs, add_pretrained, add_settings
 from equiav.settings.finetune import RESUMABLE_CHANGES, FinetuneSettings
-from equiav.train.checkpoint import Checkpointer, check_same_run, code_revision, load_export
+from equiav.train.checkpoint import Checkpointer, check_same_run, code_revision, load_export, starting_point
 from equiav.train.classify import (
     EvalResult,
     batch_inputs,
@@ -439,6 +439,7 @@ def finetune(
         "epochs": settings.epochs,
         "settings": settings.to_dict(),
         "pretrained": str(path),
+        "start": starting_point(pretrained, path),
     }
     if settings.folds:
         metrics.update(

@@ -437,6 +437,7 @@ class Pretrainer:
         if self.info.is_main:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             extra = {
+                "origin": {"type": "pretrain", "seed": self.settings.seed},
                 "settings": self.settings.to_dict(),
                 "norm_stats": self.norm,
                 "code_revision": self.revision,

@@ -10,6 +10,7 @@ from pathlib import Path
 # a venv works without being activated (a conda env of `--sdm conda` is activated on top of it).
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
+from equiav.config import active_runs, run_splits
 from equiav.data.archives import ArchiveError, archive_source
 from equiav.data.sources import archive_files, parse_sources
 
@@ -205,15 +206,22 @@ def per_shard(pattern, dataset_of=lambda wildcards: wildcards.dataset):
     return inputs
 
 
-# Training runs take part only when their data set is built in this run: presets replace
-# `run`, so the demo's runs (merged in from config.yaml) drop out by themselves.
-PRETRAIN = {n: r for n, r in config["pretrain"].items() if r["dataset"] in config["run"]}
-FINETUNE = {
-    n: r for n, r in config["finetune"].items() if r["dataset"] in config["run"] and r["pretrained"] in PRETRAIN
-}
-RETRIEVAL = {
-    n: r for n, r in config["retrieval"].items() if r["dataset"] in config["run"] and r["pretrained"] in PRETRAIN
-}
+# The runs that take part (equiav.config.active_runs): pre-training runs whose data set is built,
+# the imported models a fine-tuning or retrieval run uses, and those runs.
+ACTIVE = active_runs(config)
+PRETRAIN, IMPORTED, FINETUNE, RETRIEVAL = (ACTIVE[s] for s in ("trained", "imported", "finetune", "retrieval"))
+SECTIONS = {"pretrain": PRETRAIN, "finetune": FINETUNE, "retrieval": RETRIEVAL}
+
+
+def splits_check(section):
+    """Input function: the check that the run's splits have clips in the manifest (rule check_splits)."""
+    return lambda w: f"{RESULTS}/{section}/{w.run}/splits.csv"
+
+
+def run_split_option(wildcards):
+    """The run's splits by role, as `equiav check-splits --splits` takes them."""
+    section = "trained" if wildcards.section == "pretrain" else wildcards.section
+    return json.dumps(run_splits(section, SECTIONS[wildcards.section][wildcards.run]), sort_keys=True)
 
 
 def dataset_inputs(name):
@@ -263,7 +271,7 @@ def all_targets():
             f"{RESULTS}/{name}/availability.md",
             f"{RESULTS}/{name}/norm_stats.json",
         ]
-    targets += [f"{RESULTS}/pretrain/{run}/model.pt" for run in PRETRAIN]
+    targets += [f"{RESULTS}/pretrain/{run}/model.pt" for run in {**PRETRAIN, **IMPORTED}]
     targets += [f"{RESULTS}/finetune/{run}/metrics.json" for run in FINETUNE]
     targets += [f"{RESULTS}/retrieval/{run}/metrics.json" for run in RETRIEVAL]
     if FINETUNE or RETRIEVAL:

@@ -5,6 +5,7 @@ rule finetune:
     input:
         unpack(lambda w: dataset_inputs(FINETUNE[w.run]["dataset"])),
         pretrained=lambda w: f"{RESULTS}/pretrain/{FINETUNE[w.run]['pretrained']}/model.pt",
+        splits=splits_check("finetune"),
         h5=per_shard(f"{DATA}/{{dataset}}/features/{{shard}}.h5", lambda w: FINETUNE[w.run]["dataset"]),
     output:
         f"{RESULTS}/finetune/{{run}}/metrics.json",
@@ -33,6 +34,7 @@ rule retrieval:
     input:
         unpack(lambda w: dataset_inputs(RETRIEVAL[w.run]["dataset"])),
         pretrained=lambda w: f"{RESULTS}/pretrain/{RETRIEVAL[w.run]['pretrained']}/model.pt",
+        splits=splits_check("retrieval"),
         h5=per_shard(f"{DATA}/{{dataset}}/features/{{shard}}.h5", lambda w: RETRIEVAL[w.run]["dataset"]),
     output:
         metrics=f"{RESULTS}/retrieval/{{run}}/metrics.json",
