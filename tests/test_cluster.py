@@ -1,12 +1,17 @@
 """The workflow on a real SLURM cluster, through workflow/profiles/slurm.
 
-tests/cluster/slurm_up.sh starts a one-node SLURM on this machine (as root; it installs the
-Debian packages it lacks) with two fake GPUs. The small demo DAG of workflow_runner runs through
-the profile, pre-training on a fake GPU (so on the CPU), together with a longer pre-training run,
-`long`, which is cancelled with scancel after its first checkpoint; then the workflow runs again.
+tests/cluster/slurm_up.sh starts a SLURM on this machine (as root; it installs the Debian
+packages it lacks): a CPU node and two GPU nodes with fake GPUs. The small demo DAG of
+workflow_runner runs through the profile, pre-training on a fake GPU (so on the CPU), together
+with a longer pre-training run, `long`, which is cancelled with scancel after its first
+checkpoint; then the workflow runs again.
 Checked: every rule job ran as an sbatch job that sacct reports COMPLETED, the results equal the
 local run's (conftest.demo_run) bit for bit, and `long` resumed from its checkpoint and learnt
 what an uninterrupted run learns.
+
+Then `wide` pre-trains on both nodes of the `gpu` partition (each a slurmd in a network namespace
+of its own), is signalled, cancelled and resumed, and must learn what one node with two processes
+learns, leaving no process behind after SIGTERM.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -34,13 +40,14 @@ CLUSTER = REPO / "tests" / "cluster"
 FINETUNE_RUNS = ("demo_audio", "demo_visual", "demo_audiovisual")
 GPU_RULES = {"pretrain", "finetune", "retrieval"}  # the profile sends them to the `gpu` partition
 RULES = {"demo_data", "manifest", "download", "features", "availability", "norm_stats"} | GPU_RULES
+LOCAL_RULES = {"check_splits"}  # run where Snakemake runs (localrule), never as SLURM jobs
 RUN_TIMEOUT_S = 900
 
 
 def _started(stdout: str | bytes | None) -> list[str]:
     """The daemons slurm_up.sh says it started (a partial output included)."""
     text = stdout.decode(errors="replace") if isinstance(stdout, bytes) else stdout or ""
-    return re.findall(r"^slurm_up: started (\w+)", text, re.M)
+    return re.findall(r"^slurm_up: started (\S+)", text, re.M)
 
 
 def _stop(daemons: list[str]) -> subprocess.CompletedProcess | None:
@@ -150,15 +157,17 @@ def _cancel_long_pretraining(first: subprocess.Popen, checkpoints: Path, log: Pa
     return ids[0], seen
 
 
-def _pretrain_locally(settings: dict, demo: Path, out: Path) -> None:
-    """Pre-training with ``settings`` on the local run's data, with the threads a 2-CPU job has."""
-    threads = {var: "2" for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+def _pretrain_locally(settings: dict, demo: Path, out: Path, *, threads: int = 2, processes: int = 1) -> None:
+    """Pre-training with ``settings`` on the data of the run in ``demo``, here, with ``threads``
+    per process (those of a 2-CPU job by default) and ``processes`` (torchrun, one node)."""
+    variables = {var: str(threads) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     proc = subprocess.run(
-        [sys.executable, "-m", "equiav", "pretrain", "--settings", json.dumps(settings),
+        [sys.executable, "-m", "equiav", "launch", "--gpus", str(processes), "--",
+         "pretrain", "--settings", json.dumps(settings),
          "--usable", str(demo / "results" / "demo" / "usable.csv"),
          "--norm-stats", str(demo / "results" / "demo" / "norm_stats.json"),
          "--out", str(out / "model.pt"), "--work-dir", str(out / "work")],
-        env={**os.environ, **threads}, capture_output=True, text=True, check=False,
+        env={**os.environ, **variables}, capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, f"local pre-training failed:\n{proc.stderr[-3000:]}"
 
@@ -254,11 +263,13 @@ def test_every_rule_job_ran_as_a_completed_sbatch_job(slurm_run):
     assert finished == {
         "demo_data": 1, "manifest": 1, "download": shards, "features": shards, "availability": 1,
         "norm_stats": 1, "pretrain": 2, "finetune": len(FINETUNE_RUNS), "retrieval": 1,
+        "check_splits": 2 + len(FINETUNE_RUNS) + 1,  # one per training and retrieval run
     }  # fmt: skip
 
     completed = [job for job in slurm_run.jobs if job["State"] == "COMPLETED"]
     others = [job for job in slurm_run.jobs if job["State"] != "COMPLETED"]
-    assert Counter(_rule_of(job["Comment"]) for job in completed) == finished, slurm_run.jobs
+    sbatch_jobs = Counter({rule: n for rule, n in finished.items() if rule not in LOCAL_RULES})
+    assert Counter(_rule_of(job["Comment"]) for job in completed) == sbatch_jobs, slurm_run.jobs
     # The one job that did not complete is the one cancelled ("CANCELLED by <uid>").
     not_completed = [(job["JobID"], job["State"].split()[0]) for job in others]
     assert not_completed == [(slurm_run.cancelled_job, "CANCELLED")], others
@@ -322,3 +333,178 @@ def test_cancelled_pretraining_resumed_from_its_checkpoint(slurm_run):
     # sacct: the cancelled job, then the one the second run submitted, which completed.
     jobs = [(job["JobID"], job["State"].split()[0]) for job in slurm_run.jobs if job["Comment"].endswith("_long")]
     assert jobs[0] == (slurm_run.cancelled_job, "CANCELLED") and [state for _, state in jobs[1:]] == ["COMPLETED"], jobs
+
+
+# ---- one run on two nodes --------------------------------------------------------------------
+
+TWO_NODES = ("equiav-n1", "equiav-n2")  # the gpu partition (tests/cluster/common.sh)
+WIDE_JOB = "rule_pretrain_wildcards_wide"  # the plugin's comment of the two-node run's job
+
+
+@dataclass
+class TwoNodeRun:
+    work: Path
+    jobs: list[dict[str, str]]  # sacct of every job of the run, with its steps
+    termed: str  # the job signalled with SIGTERM, as before a walltime
+    left_after_term: list[str]  # processes of that job still there once it had ended
+    cancelled: str  # the job cancelled with scancel
+    reference: Path  # one node, two processes, uninterrupted
+
+
+def _wide_job() -> str:
+    queue = subprocess.run(["squeue", "-h", "-o", "%i|%k|%T"], capture_output=True, text=True, check=True).stdout
+    running = [line.split("|")[0] for line in queue.splitlines() if line.endswith(f"|{WIDE_JOB}|RUNNING")]
+    return running[0] if running else ""
+
+
+def _processes_of(job: str) -> list[str]:
+    """The processes on this machine (so on every node) whose environment names SLURM job ``job``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            if f"SLURM_JOB_ID={job}".encode() in environ:
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{proc.name}: {command[:200]}")
+        except OSError:  # gone meanwhile, or a kernel thread
+            continue
+    return found
+
+
+def _steps(job: str) -> list[dict[str, str]]:
+    fields = ["JobID", "State", "NodeList", "NNodes", "NTasks"]
+    out = subprocess.run(["sacct", "-n", "-P", "-j", job, "-o", ",".join(fields)],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return [dict(zip(fields, line.split("|"))) for line in out.splitlines()]
+
+
+def _checkpoint_steps(checkpoints: Path) -> list[int]:
+    return sorted(int(re.search(r"\d+", p.name).group()) for p in checkpoints.glob("checkpoint-*.pt"))
+
+
+@pytest.fixture(scope="module")
+def two_node_run(slurm_run) -> TwoNodeRun:
+    """A pre-training run on both gpu nodes through the SLURM profile, on the data of slurm_run:
+    SIGTERM to its job after the first checkpoint (Snakemake retries it, and it resumes), scancel
+    of the retry after its first checkpoint, then the same workflow command again. Then, on this
+    machine, the same run on one node with two processes, uninterrupted."""
+    work = slurm_run.work
+    small = yaml.safe_load((work / "small.yaml").read_text())
+    shipped = yaml.safe_load((REPO / "config.yaml").read_text())["pretrain"]["demo"]["settings"]
+    settings = {**shipped, **small["pretrain"]["demo"]["settings"], "epochs": 12, "checkpoint_every": 4, "log_every": 1}
+    config = work / "wide.yaml"
+    wide = {"dataset": "demo", "settings": settings, "resources": {"gpus": 1, "nodes": 2}}
+    config.write_text(yaml.safe_dump({**small, "pretrain": {"wide": wide}}))
+    args = [
+        "--profile", str(REPO / "workflow" / "profiles" / "slurm"), "--configfile", str(config),
+        "--max-threads", "2", "--slurm-logdir", str(work / "slurm-logs"),
+        "--slurm-init-seconds-before-status-checks", "1",
+        str(work / "results" / "pretrain" / "wide" / "model.pt"),
+    ]  # fmt: skip
+    # One thread per process, as torchrun gives each of the reference's two processes.
+    threads = {var: "1" for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    checkpoints = work / "data" / "pretrain" / "wide" / "checkpoints"
+    cmd, env = snakemake_command(*args, env=threads)
+    log = work / "wide-first-run.log"
+    with log.open("w") as out:
+        first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    try:
+
+        def running(what: str) -> None:
+            assert first.poll() is None, f"the run ended before {what}:\n{log.read_text()[-5000:]}"
+
+        def first_checkpoint_of(job_after: str):
+            running("a checkpoint of the two-node job")
+            job = _wide_job()
+            return job if job and job != job_after and _checkpoint_steps(checkpoints) else None
+
+        # SIGTERM to the job's steps on both nodes, as SLURM sends it before the walltime
+        # (the profile's --signal=TERM@300): training saves a checkpoint and exits, and
+        # Snakemake submits the job again (the profile's retries).
+        termed = _wait_until(lambda: first_checkpoint_of(""), "the two-node job's first checkpoint")
+        subprocess.run(["scancel", "--signal=TERM", termed], check=True)
+        _wait_until(lambda: _state(termed) and not _state(termed).startswith(("RUNNING", "PENDING", "COMPLETING")),
+                    f"job {termed} to end after SIGTERM", 120, 0.5)  # fmt: skip
+        # What still runs 10 s after the job ended was left behind (killed processes take a moment to go).
+        deadline = time.monotonic() + 10
+        while (left := _processes_of(termed)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        at_term = max(_checkpoint_steps(checkpoints))
+
+        # The retry resumes; once it has a checkpoint of its own, it is cancelled as a user would.
+        def retry_checkpoint():
+            job = first_checkpoint_of(termed)
+            return job if job and max(_checkpoint_steps(checkpoints)) > at_term else None
+
+        cancelled = _wait_until(retry_checkpoint, "a checkpoint of the resumed two-node job")
+        subprocess.run(["scancel", cancelled], check=True)
+        _wait_until(lambda: _state(cancelled).startswith("CANCELLED"), f"job {cancelled} cancelled", 120, 0.5)
+        first.send_signal(signal.SIGINT)  # the plugin never notices a cancelled job (above)
+        first.wait(120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+            for run_id in re.findall(r"SLURM run ID: (\S+)", log.read_text()):
+                subprocess.run(["scancel", f"--name={run_id}"], check=False)
+
+    # The same command again: the run resumes from the cancelled job's checkpoint and ends.
+    second = snakemake(*args, env=threads, timeout=RUN_TIMEOUT_S)
+    output = log.read_text() + second.stdout + second.stderr
+    run_ids = re.findall(r"SLURM run ID: (\S+)", output)
+    jobs = _sacct(run_ids, "now-1hours")
+    reference = work / "wide-reference"
+    _pretrain_locally(settings, work, reference, threads=1, processes=2)
+    wide_jobs = [job for job in jobs if job["Comment"] == WIDE_JOB]
+    return TwoNodeRun(work, wide_jobs, termed, left, cancelled, reference)
+
+
+def _losses(work_dir: Path):
+    import pandas as pd
+
+    return pd.read_csv(work_dir / "metrics.csv").set_index("step")[["loss", "inter", "intra_audio", "intra_visual"]]
+
+
+def test_two_node_run_learns_what_one_node_with_two_processes_learns(two_node_run):
+    # sacct: the run's jobs (signalled, cancelled, completed) each had both nodes...
+    jobs = two_node_run.jobs
+    states = [(job["JobID"], job["State"].split()[0]) for job in jobs]
+    assert [state for _, state in states] == ["FAILED", "CANCELLED", "COMPLETED"], states
+    assert states[0][0] == two_node_run.termed and states[1][0] == two_node_run.cancelled
+    # One GPU on each node (--gres counts per node).
+    assert all("gres/gpu=2" in job["AllocTRES"].split(",") for job in jobs), jobs
+    for job, _ in states:
+        steps = _steps(job)
+        assert steps[0]["NodeList"] == "equiav-n[1-2]" and steps[0]["NNodes"] == "2", steps
+        # ... and in each, one step ran a task on each node: the two torchruns.
+        assert any(s["NodeList"] == "equiav-n[1-2]" and s["NTasks"] == "2" for s in steps[1:]), steps
+    log = (two_node_run.work / "results" / "pretrain" / "wide" / "pretrain.log").read_text()
+    for node, address in zip(TWO_NODES, ("10.254.207.2", "10.254.207.3")):
+        pattern = rf"node {node}: torchrun meets at 10\.254\.207\.2:\d+ from {re.escape(address)} on eth0 \(GLOO_SOCKET_IFNAME=eth0"
+        assert re.search(pattern, log), f"no rendezvous line of {node} in:\n{log[-3000:]}"
+    work_dir = two_node_run.work / "data" / "pretrain" / "wide"
+    assert json.loads((work_dir / "config.json").read_text())["world_size"] == 2
+    wide, reference = _losses(work_dir), _losses(two_node_run.reference / "work")
+    assert list(wide.index) == list(reference.index) and len(wide.columns) > 0
+    difference = (wide - reference).abs().max().max()
+    assert np.allclose(wide, reference, rtol=1e-5, atol=1e-6), (
+        f"losses differ by up to {difference}:\n{wide - reference}"
+    )
+
+
+def test_two_node_run_resumed_after_scancel_ends_as_an_uninterrupted_run(two_node_run):
+    log = (two_node_run.work / "results" / "pretrain" / "wide" / "pretrain.log").read_text()
+    resumed = re.search(r"resuming from \S+/checkpoint-(\d+)\.pt at step (\d+)/(\d+)", log)
+    assert resumed, f"the two-node run did not resume after scancel:\n{log[-3000:]}"
+    model = two_node_run.work / "results" / "pretrain" / "wide" / "model.pt"
+    weights = torch.load(model, weights_only=True)
+    reference = torch.load(two_node_run.reference / "model.pt", weights_only=True)
+    assert weights["steps"] == weights["total_steps"] == reference["steps"] == int(resumed.group(3))
+    far = {name: (weights["model"][name] - tensor).abs().max().item() for name, tensor in reference["model"].items()
+           if not torch.allclose(weights["model"][name], tensor, rtol=1e-4, atol=1e-5)}  # fmt: skip
+    assert not far, f"weights differ from the uninterrupted one-node run's: {sorted(far.items())[:5]}"
+
+
+def test_no_process_of_a_two_node_job_outlives_sigterm(two_node_run):
+    assert two_node_run.left_after_term == [], "\n".join(two_node_run.left_after_term)

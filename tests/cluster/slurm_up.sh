@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
-# Start a one-node SLURM on this machine for tests/test_cluster.py (Debian 12, as root).
+# Start a three-node SLURM on this machine for tests/test_cluster.py (Debian 12, as root).
 #
 #   tests/cluster/slurm_up.sh      # then: sinfo, sbatch, sacct ... ; stop with slurm_down.sh
 #
-# munged, MariaDB (a private data directory), slurmdbd, slurmctld and slurmd run as plain
-# background daemons: no systemd. Missing Debian packages are installed with apt-get. The node
-# has two partitions, `main` (the default) and `gpu`, fake GPUs (GRES backed by /dev/null and
-# /dev/zero: `--gpus` requests schedule, nothing computes on them) and an account `equiav`,
-# the names workflow/profiles/slurm uses. Running it again changes nothing that works; a
-# daemon this script started is restarted when its configuration file changed. Only daemons
-# started here are recorded (STATE/pids/<name>.pid), and only those does slurm_down.sh stop.
+# munged, MariaDB (a private data directory), slurmdbd, slurmctld and three slurmd run as plain
+# background daemons: no systemd. Missing Debian packages are installed with apt-get. The
+# partitions and the account are the names workflow/profiles/slurm uses:
+#   main (the default): this machine's own node;
+#   gpu: nodes equiav-n1 and equiav-n2, two fake GPUs each (GRES backed by /dev/null and
+#        /dev/zero: `--gpus` requests schedule, nothing computes on them). Each runs in a network
+#        namespace of its own (its own host name and address on a bridge to this machine), so
+#        that a job on both nodes talks across a network as on a cluster. As Debian's installer
+#        writes it, each node's /etc/hosts maps its own name to 127.0.1.1, an address the other
+#        node cannot reach: what launches multi-node training has to cope with that.
+# Running it again changes nothing that works; a daemon this script started is restarted when
+# its configuration file changed. Only daemons and network devices started or made here are
+# recorded (STATE/pids/<name>.pid, STATE/net/), and only those does slurm_down.sh stop or remove.
 #
 # Environment: EQUIAV_SLURM_STATE (default /tmp/equiav-slurm): logs, pid files, databases.
 #              EQUIAV_SLURM_DB_PORT (default 3307): MariaDB on 127.0.0.1 (not 3306, so that a
 #              MariaDB the machine already runs is left alone).
+#              EQUIAV_SLURM_NET (default 10.254.207): the /24 of the bridge (.1, slurmctld's
+#              address) and the gpu nodes (.2, .3); no other address is used.
 set -euo pipefail
 # shellcheck source=tests/cluster/common.sh
-source "$(dirname "$0")/common.sh"  # STATE, alive, ours
+source "$(dirname "$0")/common.sh"  # STATE, NODES, BRIDGE, alive, ours
 
 DB_PORT=${EQUIAV_SLURM_DB_PORT:-3307}
+NET=${EQUIAV_SLURM_NET:-10.254.207}
+CTLD_ADDR=$NET.1
 CLUSTER=equiav-ci
 ACCOUNT=equiav
 GPU_FILES=(/dev/null /dev/zero)
@@ -93,7 +103,7 @@ if ((${#missing[@]})); then
 fi
 
 # --- directories and host name ---------------------------------------------------------------
-mkdir -p "$STATE"/{pids,run,log,ctld,spool,mysql,mysql-run}
+mkdir -p "$STATE"/{pids,net,run,log,ctld,spool,mysql,mysql-run}
 chmod 755 "$STATE"
 chown slurm:slurm "$STATE/log" "$STATE/ctld"
 chown mysql:mysql "$STATE/mysql" "$STATE/mysql-run"
@@ -102,6 +112,41 @@ if ! getent hosts "$HOST" >/dev/null; then
   echo "127.0.0.1 $HOST" >>/etc/hosts  # slurmctld and slurmd must resolve the node's name
   say "added $HOST to /etc/hosts"
 fi
+
+# --- the gpu nodes' network -------------------------------------------------------------------
+node_addr() { echo "$NET.$(($1 + 2))"; }  # node index -> address
+declare -A HOSTS_CHANGED
+if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+  ip link add "$BRIDGE" type bridge
+  ip addr add "$CTLD_ADDR/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  touch "$STATE/net/$BRIDGE"
+  say "made bridge $BRIDGE ($CTLD_ADDR/24)"
+fi
+for i in "${!NODES[@]}"; do
+  node=${NODES[i]}
+  if [[ ! -e /run/netns/$node ]]; then
+    ip netns add "$node"
+    touch "$STATE/net/$node"
+    ip link add "v-$node" type veth peer name eth0 netns "$node"
+    ip link set "v-$node" master "$BRIDGE" up
+    ip -n "$node" addr add "$(node_addr "$i")/24" dev eth0
+    ip -n "$node" link set eth0 up
+    ip -n "$node" link set lo up
+    say "made network namespace $node ($(node_addr "$i"))"
+  fi
+  # The node's processes see /etc/netns/<node>/hosts as /etc/hosts (as `ip netns exec` shows it).
+  mkdir -p "/etc/netns/$node"
+  CHANGED=0
+  install_file "/etc/netns/$node/hosts" 644 root < <(
+    echo "$HEADER"
+    echo "127.0.0.1 localhost"
+    echo "127.0.1.1 $node"
+    echo "$CTLD_ADDR $HOST"
+    for j in "${!NODES[@]}"; do ((j == i)) || echo "$(node_addr "$j") ${NODES[j]}"; done
+  )
+  HOSTS_CHANGED[$node]=$CHANGED  # its slurmd sees the new file once restarted
+done
 
 # --- configuration ---------------------------------------------------------------------------
 # The node's CPUs as slurmd detects them (a mismatch would drain the node).
@@ -115,15 +160,15 @@ mkdir -p /etc/slurm
 install_file /etc/slurm/slurm.conf 644 root <<EOF
 $HEADER
 ClusterName=$CLUSTER
-SlurmctldHost=$HOST(127.0.0.1)
+SlurmctldHost=$HOST($CTLD_ADDR)
 SlurmUser=slurm
 AuthType=auth/munge
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/spool
+SlurmdSpoolDir=$STATE/spool/%n
 SlurmctldPidFile=$STATE/run/slurmctld.pid
-SlurmdPidFile=$STATE/run/slurmd.pid
+SlurmdPidFile=$STATE/run/slurmd-%n.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+SlurmdLogFile=$STATE/log/slurmd-%n.log
 # No cgroups (containers and CI machines often lack a writable cgroup tree): processes are
 # tracked by parentage, and scancel / --signal reach every process of a job step.
 ProctrackType=proctrack/linuxproc
@@ -148,14 +193,19 @@ AccountingStorageTRES=gres/gpu
 AccountingStoreFlags=job_comment
 JobAcctGatherType=jobacct_gather/none
 GresTypes=gpu
-NodeName=$HOST NodeAddr=127.0.0.1 $HARDWARE RealMemory=$MEMORY_MB Gres=gpu:$GPUS State=UNKNOWN
+NodeName=$HOST NodeAddr=127.0.0.1 $HARDWARE RealMemory=$MEMORY_MB State=UNKNOWN
+$(for i in "${!NODES[@]}"; do
+  echo "NodeName=${NODES[i]} NodeAddr=$(node_addr "$i") $HARDWARE RealMemory=$MEMORY_MB Gres=gpu:$GPUS State=UNKNOWN"
+done)
 PartitionName=main Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
-PartitionName=gpu Nodes=$HOST MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=$(IFS=,; echo "${NODES[*]}") MaxTime=INFINITE State=UP
 EOF
 # One fake GPU per device file: SLURM sets CUDA_VISIBLE_DEVICES from their index.
 install_file /etc/slurm/gres.conf 644 root < <(
   echo "$HEADER"
-  for f in "${GPU_FILES[@]}"; do echo "NodeName=$HOST Name=gpu File=$f"; done
+  for node in "${NODES[@]}"; do
+    for f in "${GPU_FILES[@]}"; do echo "NodeName=$node Name=gpu File=$f"; done
+  done
 )
 SLURM_CHANGED=$CHANGED
 
@@ -232,7 +282,11 @@ if [[ -z $(sacctmgr -nP list association user=root account="$ACCOUNT" format=use
 fi
 
 # --- slurmctld and slurmd --------------------------------------------------------------------
-restart_if_changed slurmd "$SLURM_CHANGED"
+restart_if_changed slurmd "$SLURM_CHANGED"  # the one slurmd of an older version of this script
+restart_if_changed "slurmd@$HOST" "$SLURM_CHANGED"
+for node in "${NODES[@]}"; do
+  restart_if_changed "slurmd@$node" $((SLURM_CHANGED | HOSTS_CHANGED[$node]))
+done
 restart_if_changed slurmctld "$SLURM_CHANGED"
 if ! scontrol ping 2>/dev/null | grep -q 'is UP'; then
   rm -f "$STATE/run/slurmctld.pid"
@@ -240,18 +294,33 @@ if ! scontrol ping 2>/dev/null | grep -q 'is UP'; then
   wait_until 60 slurmctld bash -c "scontrol ping | grep -q 'is UP'"
   record slurmctld "$(<"$STATE/run/slurmctld.pid")"
 fi
-if ! { [[ -s $STATE/run/slurmd.pid ]] && alive "$(<"$STATE/run/slurmd.pid")" slurmd; }; then
-  rm -f "$STATE/run/slurmd.pid"
-  /usr/sbin/slurmd
-  wait_until 30 slurmd test -s "$STATE/run/slurmd.pid"
-  record slurmd "$(<"$STATE/run/slurmd.pid")"
-fi
+# start_slurmd NODE [COMMAND PREFIX...]: slurmd of NODE (its pid file names it), unless it runs.
+start_slurmd() {
+  local node=$1 pidfile=$STATE/run/slurmd-$1.pid
+  shift
+  if ! { [[ -s $pidfile ]] && alive "$(<"$pidfile")" slurmd; }; then
+    rm -f "$pidfile"
+    mkdir -p "$STATE/spool/$node"
+    "$@" /usr/sbin/slurmd -N "$node"
+    wait_until 30 "slurmd of $node" test -s "$pidfile"
+    record "slurmd@$node" "$(<"$pidfile")"
+  fi
+}
+start_slurmd "$HOST"
+# A gpu node's slurmd: in the node's network namespace, with a host name (UTS namespace) and
+# /etc/hosts (mount namespace) of its own. Not `ip netns exec`, whose fresh /sys lacks the
+# cgroup mounts that slurmd needs.
+in_node() {
+  unshare --mount --uts --propagation private sh -c \
+    'mount --bind "/etc/netns/$0/hosts" /etc/hosts && hostname "$0" && exec nsenter --net="/run/netns/$0" "$@"' "$@"
+}
+for node in "${NODES[@]}"; do start_slurmd "$node" in_node "$node"; done
 node_idle() {
-  case $(sinfo -h -n "$HOST" -o %T | head -1) in
+  case $(sinfo -h -n "$1" -o %T | head -1) in
     idle | mixed | allocated | completing) return 0 ;;
-    down* | drain*) scontrol update nodename="$HOST" state=resume ;;  # left over from an old run
+    down* | drain*) scontrol update nodename="$1" state=resume ;;  # left over from an old run
   esac
   return 1
 }
-wait_until 60 "node $HOST to be idle" node_idle
-say "up: cluster $CLUSTER, node $HOST, partitions main and gpu, $GPUS fake GPUs, account $ACCOUNT"
+for node in "$HOST" "${NODES[@]}"; do wait_until 60 "node $node to be idle" node_idle "$node"; done
+say "up: cluster $CLUSTER, partitions main ($HOST) and gpu (${NODES[*]}, $GPUS fake GPUs each), account $ACCOUNT"

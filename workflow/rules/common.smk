@@ -254,11 +254,14 @@ def training_threads(runs):
 
 
 def training_resources(runs):
-    """Resources of a training rule over the runs table `runs`. `gpu` is the job's total
-    (SLURM's --gpus): `gpus` in the config counts per node."""
+    """Resources of a training rule over the runs table `runs` (`gpus` in the config counts per
+    node). One node: `gpu`, SLURM's --gpus. Several: `gres` gpu:<gpus>, SLURM's --gres, which
+    counts per node, so that every node gets its share (a job's total may land unevenly)."""
     of = lambda w: runs[w.run]["resources"]
+    several = lambda w: of(w)["nodes"] > 1
     return {
-        "gpu": lambda w: of(w)["gpus"] * of(w)["nodes"],
+        "gpu": lambda w: 0 if several(w) else of(w)["gpus"],
+        "gres": lambda w: f"gpu:{of(w)['gpus']}" if several(w) and of(w)["gpus"] else "",
         "nodes": lambda w: of(w)["nodes"],
         "runtime": lambda w: of(w)["runtime"],
     }
