@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from equiav.launch import RENDEZVOUS_PORTS, interface_of, launch_command, node_command, rendezvous_port
+from equiav.launch import (
+    RENDEZVOUS_PORTS,
+    allocation_environment,
+    interface_of,
+    launch_command,
+    node_command,
+    rendezvous_port,
+)
 
 COMMAND = ["pretrain", "--settings", "{}", "--out", "model.pt"]
 
@@ -106,3 +113,9 @@ def test_multi_node_outside_slurm_or_with_the_wrong_allocation_is_refused():
         launch_command(COMMAND, gpus=8, nodes=3, env={"SLURM_JOB_ID": "123456"}, query=scontrol)
     with pytest.raises(ValueError, match="no command"):
         launch_command([], gpus=0, nodes=1, env={})
+
+
+def test_the_multi_node_srun_sees_the_job_not_the_step_it_runs_in():
+    step = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "gpu07", "SLURM_STEP_ID": "0",
+            "SRUN_CPUS_PER_TASK": "8", "SBATCH_GRES": "gpu:1", "SLURM_CONF": "/etc/slurm/slurm.conf", "PATH": "/bin"}  # fmt: skip
+    assert allocation_environment(step) == {"SLURM_JOB_ID": "7", "SLURM_CONF": "/etc/slurm/slurm.conf", "PATH": "/bin"}
