@@ -413,14 +413,14 @@ def _value(source: Source, data: Mapping[str, Any]) -> float:
     return 100.0 * float(value)
 
 
+def _fills(source: Source, task: str, run: str) -> bool:
+    """Whether the metrics file of (task, run) fills the cell that ``source`` describes."""
+    return task == source.task and cell_run(run) == source.run
+
+
 def _filling(spec: TableSpec, metrics: Mapping[tuple[str, str], Mapping[str, Any]]) -> dict[tuple[str, str], Source]:
     """(task, run) of every metrics file that fills a cell of the table -> the cell's source."""
-    return {
-        (task, run): source
-        for source in spec.sources()
-        for task, run in metrics
-        if task == source.task and cell_run(run) == source.run
-    }
+    return {(task, run): source for source in spec.sources() for task, run in metrics if _fills(source, task, run)}
 
 
 def _clip_rows(spec: TableSpec, metrics: Mapping[tuple[str, str], Mapping[str, Any]],
@@ -462,9 +462,7 @@ def _rows_by_start(row: RowSpec, metrics: Mapping[tuple[str, str], Mapping[str, 
     """The row's runs grouped by starting point: start -> column -> the run that fills it."""
     by_start: dict[tuple[str, str] | None, dict[str, str]] = {}
     for column, source in row.sources.items():
-        for task, run in sorted(metrics):
-            if task != source.task or cell_run(run) != source.run:
-                continue
+        for task, run in sorted(key for key in metrics if _fills(source, *key)):
             start = start_of(metrics[(task, run)])
             earlier = by_start.setdefault(start, {}).get(column)
             if earlier is not None:
