@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,12 @@ RELEASE_SWITCHES = (
     "release_time_shift",
     "release_coupled_shift",
 )
+
+
+def garbage_bytes(size: int, seed: int = 0) -> bytes:
+    """Bytes no demuxer should accept, the same on every run: about 1 in 200 fresh random blobs
+    probes as a valid raw H.263 or audio stream, which would make a test of damaged media flaky."""
+    return random.Random(seed).randbytes(size)
 
 
 def make_clip(

@@ -8,12 +8,11 @@ every clip has exactly one status row, and that the HDF5 shard holds exactly the
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import make_clip
+from conftest import garbage_bytes, make_clip
 from media_server import MediaServer, refused_url
 
 from equiav.data import status as st
@@ -68,7 +67,7 @@ def served(tmp_path_factory) -> Path:
     (root / "truncated_tail.mp4").write_bytes(whole[: len(whole) // 2])  # the index (moov) was at the end
     fast = make_clip(root / "fast.mp4", SOURCE_SECONDS, faststart=True).read_bytes()
     (root / "truncated_fast.mp4").write_bytes(fast[: len(fast) // 2])  # index first, media cut off
-    (root / "random.mp4").write_bytes(os.urandom(200_000))
+    (root / "random.mp4").write_bytes(garbage_bytes(200_000))
     make_clip(root / "noaudio.mp4", SOURCE_SECONDS, with_audio=False)
     make_clip(root / "novideo.mp4", SOURCE_SECONDS, with_video=False)
     # Audio covers 1.5 s of the 3 s segment while the video covers all of it, and the reverse.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import torchaudio
+from conftest import garbage_bytes
 
 from equiav.data import features
 from equiav.data.features import FeatureSettings, extract_shard, fbank
@@ -73,7 +73,7 @@ def downloads_table(rows: list[dict]) -> pd.DataFrame:
 @pytest.fixture
 def mixed_downloads(clip_factory, tmp_path):
     corrupt = tmp_path / "corrupt.mp4"
-    corrupt.write_bytes(os.urandom(3000))
+    corrupt.write_bytes(garbage_bytes(3000))
     return downloads_table(
         [
             {"clip_id": "good1", "file": clip_factory("good1.mp4", 2.0), "offset": 0.5, "duration": 1.0},

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.io
+from conftest import garbage_bytes
 
 from equiav.data import media
 from equiav.data.media import MediaError, check_media, decode_clip, ffmpeg_bin_dir, ffmpeg_exe, probe
@@ -240,7 +241,7 @@ def test_no_video_frame_inside_the_clip(clip_factory):
 
 def test_corrupt_file_is_a_decode_error(tmp_path):
     bad = tmp_path / "bad.mp4"
-    bad.write_bytes(os.urandom(4096))
+    bad.write_bytes(garbage_bytes(4096))
     with pytest.raises(MediaError) as err:
         decode_clip(bad, 0.0, 1.0)
     assert err.value.status == DECODE_ERROR
