@@ -188,6 +188,12 @@ def test_the_released_preset_plans_imports_and_no_pre_training(tmp_path):
     counts = job_counts(run.stdout + run.stderr)
     assert counts["import_model"] == 2 and counts["finetune"] == 8 and counts["retrieval"] == 4
     assert "pretrain" not in counts
+    # The preset's offline advice for MAE: a local file, given the same way.
+    (tmp_path / "mae.safetensors").write_bytes(b"")
+    offline = tmp_path / "offline.yaml"
+    offline.write_text(yaml.safe_dump({"pretrain": {"mae": {"import": {"path": "mae.safetensors"}}}}))
+    run = snakemake("-n", "--directory", str(tmp_path), "--configfile", *presets, str(paths), str(offline), cwd=REPO)
+    assert job_counts(run.stdout + run.stderr)["import_model"] == 2
     missing = snakemake("-n", "--directory", str(tmp_path), "--configfile", *presets, cwd=REPO, check=False)
     assert missing.returncode != 0
     assert (

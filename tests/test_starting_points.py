@@ -136,6 +136,10 @@ def test_the_tables_show_one_row_per_starting_point(starts_run):
     assert metrics["start"]["type"] == "mae" and metrics["start"]["run"] == "mae"
     text = (work / "results" / "tables" / "table2.md").read_text()
     assert "| EquiAV · from released (the authors' released checkpoint) |" in text
+    # The summary names each run's starting point too.
+    summary = pd.read_csv(work / "results" / "summary.csv").drop_duplicates("run").set_index("run")["start"]
+    assert summary["esc50_audio-released"] == "released" and summary["demo_audio"] == "demo"
+    assert "| demo_audiovisual-scratch | scratch | finetune |" in (work / "results" / "summary.md").read_text()
     # No pre-training job for the imports: their folders hold only the model and its log.
     for start in STARTS:
         assert sorted(p.name for p in (work / "results" / "pretrain" / start).iterdir()) == ["import.log", "model.pt"]

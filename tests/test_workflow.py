@@ -96,7 +96,9 @@ def test_demo_trains_and_evaluates(demo_run):
     assert set(retrieval["v2a"]) >= {"R@1", "R@5", "R@10", "median_rank"}
     summary = pd.read_csv(results / "summary.csv")
     assert len(summary) == 3 + 6  # three fine-tuning accuracies, R@1/5/10 both ways
-    assert (results / "summary.md").read_text().count("| demo") == 9
+    assert (summary["start"] == "demo").all()  # every run starts from the demo pre-training
+    rows = [line for line in (results / "summary.md").read_text().splitlines() if line.startswith("| demo")]
+    assert len(rows) == 9 and all(line.split(" | ")[1] == "demo" for line in rows)
 
 
 # Each rule's log and the INFO line that names the stage's result (paths relative to results/).
