@@ -32,8 +32,8 @@ RELEASE_SWITCHES = (
 
 
 def garbage_bytes(size: int, seed: int = 0) -> bytes:
-    """Bytes no demuxer should accept, the same on every run: about 1 in 200 fresh random blobs
-    probes as a valid raw H.263 or audio stream, which would make a test of damaged media flaky."""
+    """Random bytes from a fixed seed, the same on every run. Fresh random blobs are not: about 1
+    in 200 probes as a valid raw H.263 or audio stream, which made the damaged-media tests flaky."""
     return random.Random(seed).randbytes(size)
 
 
